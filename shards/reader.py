@@ -1,0 +1,466 @@
+"""Reading shard sets: URL expansion, sample counts, and fault-tolerant DataLoaders for training and evaluation.
+
+Every loader stage that can meet bad data (tar, image, json, map_fn) reports to one ``SkipLog`` and drops
+only the affected sample, so one broken file never stops a long run.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import braceexpand
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, default_collate
+
+from shards.writer import SIZES_FILE, is_image_member
+
+LOGGER = logging.getLogger("multiclip.shards")
+SKIP_REASONS = ("corrupt_tar", "bad_image", "bad_json", "map_error", "missing_image", "missing_json")
+
+MapFn = Callable[[dict[str, Any]], Any]
+CollateFn = Callable[[list[Any]], Any]
+
+
+# --------------------------------------------------------------------------- URL expansion and counting
+
+
+def expand_urls(spec: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[str]:
+    """Turn brace patterns, globs, directories (or a list of them) into the shard files they name."""
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    urls: list[str] = []
+    for one in specs:
+        urls.extend(_expand_one(os.fspath(one)))
+    return urls
+
+
+def _has_glob(spec: str) -> bool:
+    return any(char in spec for char in "*?[")
+
+
+def _expand_one(spec: str) -> list[str]:
+    """One spec to files; raises FileNotFoundError naming the spec (and missing files) when nothing fits."""
+    if os.path.isdir(spec):
+        return _expand_directory(spec)
+    if "{" in spec:
+        return _expand_braces(spec)
+    if _has_glob(spec):
+        return _expand_glob(spec)
+    if os.path.isfile(spec):
+        return [spec]
+    raise FileNotFoundError(f"shard spec {spec!r} matches no file")
+
+
+def _expand_directory(spec: str) -> list[str]:
+    urls = sorted(glob.glob(os.path.join(glob.escape(spec), "*.tar")))
+    if not urls:
+        raise FileNotFoundError(f"shard directory {spec!r} holds no *.tar file")
+    return urls
+
+
+def _expand_glob(spec: str) -> list[str]:
+    urls = sorted(path for path in glob.glob(spec) if os.path.isfile(path))
+    if not urls:
+        raise FileNotFoundError(f"shard pattern {spec!r} matches no file")
+    return urls
+
+
+def _expand_braces(spec: str) -> list[str]:
+    """Brace patterns name exact files, so every expanded name must exist (globs inside may match several)."""
+    urls: list[str] = []
+    missing: list[str] = []
+    for name in braceexpand.braceexpand(spec):
+        found = sorted(glob.glob(name)) if _has_glob(name) else ([name] if os.path.isfile(name) else [])
+        urls.extend(found)
+        if not found:
+            missing.append(name)
+    if not urls:
+        raise FileNotFoundError(f"shard pattern {spec!r} matches no file")
+    if missing:
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise FileNotFoundError(f"shard pattern {spec!r}: {len(missing)} expanded file(s) missing: {shown}")
+    return urls
+
+
+def load_sizes(directory: str | Path) -> dict[str, int]:
+    """Samples per shard basename from a directory's sizes.json; empty when there is none."""
+    path = Path(directory) / SIZES_FILE
+    try:
+        return {str(name): int(n) for name, n in json.loads(path.read_text())["shards"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def count_samples(urls: str | list[str]) -> int:
+    """Total samples in the shards, from sizes.json where listed, else by reading the shard."""
+    sizes_by_dir: dict[str, dict[str, int]] = {}
+    total = 0
+    for url in expand_urls(urls):
+        directory = os.path.dirname(url)
+        if directory not in sizes_by_dir:
+            sizes_by_dir[directory] = load_sizes(directory or ".")
+        listed = sizes_by_dir[directory].get(os.path.basename(url))
+        total += listed if listed is not None else count_by_reading(url)
+    return total
+
+
+def count_by_reading(url: str) -> int:
+    """Slow path for unindexed shards: count the samples that can be read."""
+    return sum(1 for _ in read_shard(url, SkipLog()))
+
+
+# --------------------------------------------------------------------------- skip records
+
+
+class SkipLog:
+    """Records skipped samples as warnings and, given a directory, as JSON lines in one file per rank/worker."""
+
+    def __init__(self, error_log_dir: str | Path | None = None, rank: int = 0, worker: int = 0):
+        self.path = skip_log_path(error_log_dir, rank, worker) if error_log_dir is not None else None
+        self.count = 0
+
+    def record(self, shard: str, key: str | None, reason: str, error: BaseException | str) -> None:
+        """Report one skipped sample (key None when the failure is not tied to one sample)."""
+        entry = {"shard": shard, "key": key, "reason": reason, "error": str(error)}
+        self.count += 1
+        LOGGER.warning("skipped sample: shard=%s key=%s reason=%s error=%s", shard, key, reason, entry["error"])
+        if self.path is not None:
+            self._append(entry)
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        """Open per write so a crash loses at most the current line and no handle stays open in workers."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as out:
+            out.write(json.dumps(entry) + "\n")
+            out.flush()
+
+
+def skip_log_path(error_log_dir: str | Path, rank: int, worker: int) -> Path:
+    """Each worker process owns its file, so concurrent writers never interleave."""
+    return Path(error_log_dir) / f"skipped-rank{rank}-worker{worker}.jsonl"
+
+
+def read_skip_logs(error_log_dir: str | Path) -> list[dict[str, Any]]:
+    """All skip records under a directory (every rank and worker), ignoring torn lines."""
+    records: list[dict[str, Any]] = []
+    for path in sorted(Path(error_log_dir).glob("skipped-rank*-worker*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+def summarize_skips(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts per reason, for a one-line report at the end of a run."""
+    by_reason: dict[str, int] = {}
+    for record in records:
+        reason = str(record.get("reason"))
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    return {"count": len(records), "by_reason": dict(sorted(by_reason.items()))}
+
+
+# --------------------------------------------------------------------------- fault-tolerant stages
+
+
+class SampleError(Exception):
+    """A sample that cannot be used, with the skip reason the log should show."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def read_shard(url: str, skip_log: SkipLog) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard; a tar error drops the sample being read and ends the shard, keeping the rest.
+
+    Samples that webdataset yields after the error are the unfinished one it was assembling.
+    """
+    failures: list[BaseException] = []
+
+    def stop_shard(exc: BaseException) -> bool:
+        failures.append(exc)
+        return False
+
+    reported = False
+    for sample in wds.tarfile_to_samples(handler=stop_shard)([{"url": url}]):
+        if failures:
+            skip_log.record(url, sample.get("__key__"), "corrupt_tar", failures[0])
+            reported = True
+            continue
+        yield sample
+    if failures and not reported:
+        skip_log.record(url, None, "corrupt_tar", failures[0])
+
+
+def read_shards(shards: Iterable[dict[str, str]], skip_log: SkipLog) -> Iterator[dict[str, Any]]:
+    """Raw samples of each shard in turn."""
+    for shard in shards:
+        yield from read_shard(shard["url"], skip_log)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Fully decode (so truncated files fail here, not in map_fn) to RGB."""
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")
+
+
+def decode_json(data: bytes) -> dict[str, Any]:
+    meta = json.loads(data)
+    if not isinstance(meta, dict):
+        raise ValueError(f"json member is a {type(meta).__name__}, not an object")
+    return meta
+
+
+def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """Images to PIL RGB and json to a dict; raises SampleError with the skip reason."""
+    image_names = [name for name in sample if is_image_member(name)]
+    if not image_names:
+        raise SampleError("missing_image", f"no image member among {sorted(sample)}")
+    if "json" not in sample:
+        raise SampleError("missing_json", f"no json member among {sorted(sample)}")
+    decoded = dict(sample)
+    try:
+        decoded["json"] = decode_json(sample["json"])
+    except ValueError as exc:
+        raise SampleError("bad_json", str(exc)) from exc
+    for name in image_names:
+        try:
+            decoded[name] = decode_image(sample[name])
+        except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+            raise SampleError("bad_image", f"{name}: {exc}") from exc
+    return decoded
+
+
+def decode_samples(samples: Iterable[dict[str, Any]], skip_log: SkipLog) -> Iterator[dict[str, Any]]:
+    for sample in samples:
+        try:
+            yield decode_sample(sample)
+        except SampleError as exc:
+            skip_log.record(sample.get("__url__", "?"), sample.get("__key__"), exc.reason, exc)
+
+
+def map_samples(samples: Iterable[dict[str, Any]], map_fn: MapFn, skip_log: SkipLog) -> Iterator[Any]:
+    for sample in samples:
+        try:
+            yield map_fn(sample)
+        except Exception as exc:  # any failure of user code only costs this sample
+            skip_log.record(sample.get("__url__", "?"), sample.get("__key__"), "map_error", repr(exc))
+
+
+# --------------------------------------------------------------------------- shard assignment
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed that is the same in every process (unlike hash(), which is salted per process)."""
+    digest = hashlib.sha256(repr(parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def epoch_shard_order(urls: list[str], seed: int, epoch: int) -> list[str]:
+    """The shard order of one epoch; depends only on (seed, epoch), so all ranks agree without talking."""
+    ordered = list(urls)
+    random.Random(stable_seed("shards", seed, epoch)).shuffle(ordered)
+    return ordered
+
+
+def resampled_shards(urls: list[str], count: int, seed: int, epoch: int, rank: int, worker: int) -> list[str]:
+    """Shards drawn with replacement; each rank/worker has its own stream so they do not read in lockstep."""
+    rng = random.Random(stable_seed("resample", seed, epoch, rank, worker))
+    return [rng.choice(urls) for _ in range(count)]
+
+
+def check_enough_shards(num_shards: int, world_size: int, num_workers: int, resample: bool) -> None:
+    """Without resampling every rank/worker needs its own shard; an idle one would hang collectives."""
+    readers = world_size * max(1, num_workers)
+    if not resample and num_shards < readers:
+        raise ValueError(
+            f"{num_shards} shard(s) cannot be split over {world_size} rank(s) x {max(1, num_workers)} worker(s) "
+            f"= {readers} readers; write at least {readers} shards (smaller shard size) or set resample: true"
+        )
+
+
+def worker_identity() -> tuple[int, int]:
+    """(worker id, number of workers) as webdataset's split_by_worker sees them."""
+    _, _, worker, num_workers = wds.utils.pytorch_worker_info()
+    return worker, num_workers
+
+
+# --------------------------------------------------------------------------- the stream
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything a loader process needs to rebuild its share of the stream."""
+
+    urls: tuple[str, ...]
+    map_fn: MapFn
+    batch_size: int
+    collate_fn: CollateFn
+    rank: int = 0
+    world_size: int = 1
+    split_by_rank: bool = True
+    shuffle: bool = True
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    resample: bool = False
+    start_epoch: int = 0
+    infinite: bool = True
+    partial_batches: bool = False
+    error_log_dir: str | None = None
+
+
+class ShardStream(IterableDataset):
+    """Batches of one rank/worker: per epoch its shards, read, shuffled, decoded and mapped, then batched."""
+
+    def __init__(self, spec: StreamSpec):
+        super().__init__()
+        self.spec = spec
+
+    def __iter__(self) -> Iterator[Any]:
+        worker, num_workers = worker_identity()
+        skip_log = SkipLog(self.spec.error_log_dir, self.spec.rank, worker)
+        samples = self._all_epochs(worker, num_workers, skip_log)
+        batches = wds.batched(
+            self.spec.batch_size, collation_fn=self.spec.collate_fn, partial=self.spec.partial_batches
+        )
+        return iter(batches(samples))
+
+    def _epochs(self) -> Iterator[int]:
+        start = self.spec.start_epoch
+        return itertools.count(start) if self.spec.infinite else iter([start])
+
+    def _all_epochs(self, worker: int, num_workers: int, skip_log: SkipLog) -> Iterator[Any]:
+        for epoch in self._epochs():
+            produced = 0
+            for sample in self.epoch_samples(epoch, worker, num_workers, skip_log):
+                produced += 1
+                yield sample
+            if self.spec.infinite and produced == 0:
+                raise RuntimeError(
+                    f"rank {self.spec.rank} worker {worker}: epoch {epoch} produced no usable sample from "
+                    f"{self.worker_shards(epoch, worker, num_workers)}; see the skip log"
+                )
+
+    def worker_shards(self, epoch: int, worker: int, num_workers: int) -> list[str]:
+        """This rank/worker's shards for an epoch: disjoint across ranks and workers unless resampling."""
+        spec = self.spec
+        urls = list(spec.urls)
+        if spec.resample:
+            per_reader = math.ceil(len(urls) / (spec.world_size * num_workers))
+            return resampled_shards(urls, max(1, per_reader), spec.seed, epoch, spec.rank, worker)
+        ordered = epoch_shard_order(urls, spec.seed, epoch) if spec.shuffle else urls
+        mine = ordered[spec.rank :: spec.world_size] if spec.split_by_rank else ordered
+        return list(wds.split_by_worker(mine))
+
+    def epoch_samples(self, epoch: int, worker: int, num_workers: int, skip_log: SkipLog) -> Iterator[Any]:
+        """One epoch of mapped samples for this rank/worker."""
+        spec = self.spec
+        shuffle = None
+        if spec.shuffle and spec.shuffle_buffer > 1:
+            seed = stable_seed("samples", spec.seed, epoch, spec.rank, worker)
+            shuffle = wds.shuffle(spec.shuffle_buffer, initial=spec.shuffle_buffer, seed=seed)
+        pipeline = wds.DataPipeline(
+            [{"url": url} for url in self.worker_shards(epoch, worker, num_workers)],
+            partial(read_shards, skip_log=skip_log),
+            shuffle,
+            partial(decode_samples, skip_log=skip_log),
+            partial(map_samples, map_fn=spec.map_fn, skip_log=skip_log),
+        )
+        return iter(pipeline)
+
+
+def _check_common(urls: list[str], map_fn: MapFn, batch_size: int, num_workers: int) -> None:
+    if not urls:
+        raise ValueError("no shard urls given")
+    if not callable(map_fn):
+        raise TypeError("map_fn must be callable")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+
+
+def _as_dir(path: str | Path | None) -> str | None:
+    return None if path is None else os.fspath(path)
+
+
+def make_loader(
+    urls: str | list[str],
+    *,
+    map_fn: MapFn,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+    seed: int = 0,
+    shuffle_buffer: int = 1000,
+    resample: bool = False,
+    start_epoch: int = 0,
+    error_log_dir: str | Path | None = None,
+    collate_fn: CollateFn | None = None,
+    infinite: bool = True,
+) -> DataLoader:
+    """Training batches for one rank: shuffled shards split over ranks and workers, full batches only.
+
+    ``infinite`` streams epoch after epoch (the trainer decides what an epoch is); otherwise one pass.
+    """
+    urls = expand_urls(urls)
+    _check_common(urls, map_fn, batch_size, num_workers)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+    check_enough_shards(len(urls), world_size, num_workers, resample)
+    spec = StreamSpec(
+        urls=tuple(urls), map_fn=map_fn, batch_size=batch_size, collate_fn=collate_fn or default_collate,
+        rank=rank, world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer, resample=resample,
+        start_epoch=start_epoch, infinite=infinite, error_log_dir=_as_dir(error_log_dir),
+    )
+    return DataLoader(ShardStream(spec), batch_size=None, num_workers=num_workers, persistent_workers=False)
+
+
+def make_eval_loader(
+    urls: str | list[str],
+    *,
+    map_fn: MapFn,
+    batch_size: int,
+    num_workers: int = 0,
+    error_log_dir: str | Path | None = None,
+    collate_fn: CollateFn | None = None,
+    rank: int = 0,
+) -> DataLoader:
+    """One deterministic pass over every shard (the same on every rank), keeping the partial last batch.
+
+    ``rank`` only names the skip-log file, so ranks sharing a log directory do not share a file.
+    """
+    urls = expand_urls(urls)
+    _check_common(urls, map_fn, batch_size, num_workers)
+    spec = StreamSpec(
+        urls=tuple(urls), map_fn=map_fn, batch_size=batch_size, collate_fn=collate_fn or default_collate,
+        rank=rank, world_size=1, split_by_rank=False, shuffle=False, infinite=False, partial_batches=True,
+        error_log_dir=_as_dir(error_log_dir),
+    )
+    return DataLoader(ShardStream(spec), batch_size=None, num_workers=num_workers, persistent_workers=False)
+
+
+__all__ = [
+    "SKIP_REASONS",
+    "SkipLog",
+    "count_samples",
+    "expand_urls",
+    "make_eval_loader",
+    "make_loader",
+    "read_skip_logs",
+    "summarize_skips",
+]

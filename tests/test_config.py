@@ -1,0 +1,77 @@
+"""Configs are validated completely, with every problem named, before any work starts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from training.config import ConfigError, config_from_dict, load_config
+from training.registry import get_task_class, list_tasks
+
+from conftest import ROOT, tiny_config
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path):
+    cfg = load_config(path)
+    assert cfg.tasks
+
+
+def test_unknown_keys_and_bad_values_are_all_reported(tmp_path):
+    raw = tiny_config(tmp_path, tmp_path / "run")
+    raw["optim"]["micro_batchsize"] = 8  # typo
+    raw["optim"]["max_steps"] = "many"
+    raw["deepspeed"] = {"zero_stage": 5}
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw, source="x.yaml")
+    msg = str(err.value)
+    assert "x.yaml" in msg
+    assert "optim.micro_batchsize" in msg
+    assert "optim.max_steps" in msg
+    assert "deepspeed.zero_stage" in msg
+
+
+def test_task_options_and_names_are_checked(tmp_path):
+    raw = tiny_config(tmp_path, tmp_path / "run", tasks=[{"name": "retrieval", "options": {"templatez": []}},
+                                                         {"name": "nope"}])
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    assert "tasks.0.options.templatez" in str(err.value)
+    assert "unknown task 'nope'" in str(err.value)
+
+
+def test_model_name_and_checkpoint_path_are_checked(tmp_path):
+    raw = tiny_config(tmp_path, tmp_path / "run", model={"name": "no-such-model"})
+    with pytest.raises(ConfigError, match="no-such-model"):
+        config_from_dict(raw)
+    raw = tiny_config(tmp_path, tmp_path / "run", model={"pretrained": str(tmp_path / "missing.safetensors")})
+    with pytest.raises(ConfigError, match="missing.safetensors"):
+        config_from_dict(raw)
+    raw = tiny_config(tmp_path, tmp_path / "run", model={"name": "ViT-B-32", "pretrained": "not-a-tag"})
+    with pytest.raises(ConfigError, match="not-a-tag"):
+        config_from_dict(raw)
+
+
+def test_overrides_and_yaml_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path, tmp_path / "run")))
+    cfg = load_config(path, ["optim.max_steps=7", "deepspeed.zero_stage=2"])
+    assert cfg.optim.max_steps == 7 and cfg.deepspeed.zero_stage == 2
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(path, ["optim.max_steps"])
+    path.write_text("run: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_registry_lists_and_rejects():
+    assert "retrieval" in list_tasks()
+    with pytest.raises(KeyError, match="known tasks"):
+        get_task_class("nope")
+    from training.registry import register_task
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_task("retrieval")(type("Dup", (), {}))

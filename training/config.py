@@ -1,0 +1,196 @@
+"""Typed run configuration, loaded from YAML and validated before any work starts.
+
+Every section is a frozen pydantic model with ``extra="forbid"``: a misspelt key or a value of
+the wrong type is reported with its dotted path, and all problems are reported at once (one
+:class:`ConfigError`) before a process group, a data loader or a model exists. Cross-field checks
+(task names, files that must exist) run in :func:`load_config` too.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be run; the message lists every problem with its key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(_Section):
+    output_dir: str = "runs/default"  # run folder: checkpoints, logs, final weights
+    seed: int = 0  # seeds model init, data order and sampling
+    audit: bool = False  # each rank writes the sample keys it trained on and a weight fingerprint
+
+
+class ModelConfig(_Section):
+    name: str  # open_clip model name, e.g. ViT-B-32, or a JSON stem in configs/models
+    pretrained: str | None = None  # open_clip tag (e.g. laion2b_s34b_b79k) or a local checkpoint path
+    model_config_dir: str = "configs/models"  # JSON model configs registered with open_clip
+
+
+class DataConfig(_Section):
+    train: str | list[str]  # shard pattern(s): brace pattern, glob or directory
+    val: str | list[str]  # held-out shards used for periodic and final evaluation
+    num_workers: int = Field(1, ge=0)  # DataLoader workers per rank
+    shuffle_buffer: int = Field(1000, ge=0)  # samples held for shuffling inside each worker
+    resample: bool = False  # draw shards with replacement (when shards < ranks x workers)
+
+
+class TaskConfig(_Section):
+    name: str  # registry key, see training.registry.list_tasks()
+    loss_weight: float = Field(1.0, gt=0)  # multiplier of this task's losses in the total
+    options: dict[str, Any] = Field(default_factory=dict)  # validated by the task's own Options model
+
+
+class OptimConfig(_Section):
+    micro_batch_size: int = Field(32, ge=1)  # samples per rank per forward
+    grad_accum: int = Field(1, ge=1)  # micro batches per optimizer step
+    max_steps: int = Field(100, ge=1)  # optimizer steps in the whole run
+    lr_backbone: float = Field(1e-5, ge=0)  # learning rate of the open_clip backbone
+    lr_head: float = Field(1e-3, ge=0)  # learning rate of the task heads
+    weight_decay: float = Field(0.1, ge=0)  # AdamW decay; never applied to biases, norms, logit scales
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = Field(10, ge=0)  # linear warm-up, then cosine to min_lr_ratio * lr
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0)  # global norm clipping; 0 disables
+    freeze_backbone: bool = False  # train only the heads
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    config_file: str | None = None  # a ds_config JSON merged over the generated one (batch keys excluded)
+
+
+class ScheduleConfig(_Section):
+    eval_every: int = Field(0, ge=0)  # optimizer steps between evaluations; 0: only before/after
+    checkpoint_every: int = Field(0, ge=0)  # optimizer steps between checkpoints; 0: only the final one
+    keep_checkpoints: int = Field(2, ge=1)  # older checkpoints are deleted after a newer one is complete
+    log_every: int = Field(10, ge=1)  # optimizer steps between log lines
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(128, ge=1)
+    max_samples: int | None = None  # cap on held-out samples (None: all)
+
+
+class Config(_Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig
+    data: DataConfig
+    tasks: list[TaskConfig]
+    optim: OptimConfig = OptimConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> Config:
+        names = [t.name for t in self.tasks]
+        if not names:
+            raise ValueError("tasks: at least one task is required")
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks: a task is listed twice: {names}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {len(err.errors())} problem(s)"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = f" (got {e['input']!r})" if e["type"] not in ("missing",) and not isinstance(e["input"], dict) else ""
+        lines.append(f"  - {where}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+        dotted, value = item.split("=", 1)
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {key!r} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    """Validate a raw dict into a :class:`Config`, including each task's own options."""
+    from training.registry import get_task_class, list_tasks
+
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+    problems = []
+    for i, task in enumerate(cfg.tasks):
+        if task.name not in list_tasks():
+            problems.append(f"  - tasks.{i}.name: unknown task {task.name!r}; known: {list_tasks()}")
+            continue
+        try:
+            get_task_class(task.name).Options.model_validate(task.options)
+        except ValidationError as err:
+            for e in err.errors():
+                where = ".".join(str(p) for p in e["loc"])
+                problems.append(f"  - tasks.{i}.options.{where}: {e['msg']}")
+    try:
+        from training.model import check_model_config
+
+        check_model_config(cfg.model)
+    except ConfigError as err:
+        problems.append(f"  - {err}")
+    if cfg.deepspeed.config_file and not Path(cfg.deepspeed.config_file).is_file():
+        problems.append(f"  - deepspeed.config_file: no such file {cfg.deepspeed.config_file!r}")
+    if problems:
+        raise ConfigError(f"{source}: {len(problems)} problem(s)\n" + "\n".join(problems))
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply ``key=value`` overrides, validate everything.
+
+    Raises:
+        ConfigError: naming the file and every bad key at once.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, source=str(path))
+
+
+def load_deepspeed_overrides(cfg: Config) -> dict[str, Any]:
+    """The user's ds_config JSON, if any (batch-size keys are derived, so they are rejected)."""
+    if not cfg.deepspeed.config_file:
+        return {}
+    data = json.loads(Path(cfg.deepspeed.config_file).read_text())
+    derived = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"}
+    clash = derived & set(data)
+    if clash:
+        raise ConfigError(
+            f"{cfg.deepspeed.config_file}: {sorted(clash)} are derived from optim.micro_batch_size "
+            "and optim.grad_accum; set those instead"
+        )
+    return data

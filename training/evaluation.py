@@ -1,0 +1,55 @@
+"""Held-out evaluation shared by the trainer and ``launch/evaluate.py``."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from training.config import Config, ConfigError
+from training.data import eval_loader, to_device
+from training.model import MultiTaskModel, build_model
+
+
+@torch.no_grad()
+def evaluate_model(model: MultiTaskModel, backbone, cfg: Config, shards=None) -> dict[str, float]:
+    """Metrics of every task of ``model`` on ``shards`` (default: the config's val set).
+
+    Keys are ``<task>/<metric>``. Every rank may call it; all compute the same numbers.
+    """
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters())
+    out = {}
+    for name, task in model.heads.items():
+        batches = eval_loader(shards or cfg.data.val, task, backbone, cfg.eval.batch_size)
+        if cfg.eval.max_samples:
+            batches = itertools.islice(batches, -(-cfg.eval.max_samples // cfg.eval.batch_size))
+        batches = (to_device(b, param.device, param.dtype) for b in batches)
+        out.update({f"{name}/{k}": v for k, v in task.evaluate(model.backbone, batches).items()})
+    model.train(was_training)
+    return out
+
+
+def load_weights(model: MultiTaskModel, path: str | Path) -> None:
+    """Load ``final/model.safetensors`` (or a run folder holding it) into ``model``, strictly."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "final" / "model.safetensors" if (path / "final").is_dir() else path / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights at {path}")
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{path} does not fit this config's model: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: str | Path | None, shards=None) -> dict[str, Any]:
+    """Evaluate trained weights, or the configured (pretrained) backbone zero-shot if None."""
+    model, backbone = build_model(cfg)
+    if checkpoint is not None:
+        load_weights(model, checkpoint)
+    return evaluate_model(model, backbone, cfg, shards)

@@ -1,0 +1,188 @@
+"""Pure evaluation metrics over torch tensors (numpy arrays are accepted too).
+
+Conventions shared by the ranking metrics:
+- ``sim`` is a ``[Q, G]`` similarity matrix, larger means more similar.
+- Ranking is by descending similarity; ties are broken deterministically in
+  favour of the lower gallery index (stable sort).
+- A ``k`` larger than the number of candidates is clipped; result keys use the
+  requested ``k``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _as_list(labels) -> list:
+    if isinstance(labels, torch.Tensor) or hasattr(labels, "tolist"):
+        return list(labels.tolist())
+    return list(labels)
+
+
+def positives_from_labels(query_labels: Sequence, gallery_labels: Sequence) -> torch.Tensor:
+    """Bool ``[Q, G]`` matrix with ``True`` where ``query_labels[q] == gallery_labels[g]``.
+
+    Labels may be any hashable values (ints, strings, ...), or tensors/arrays.
+    """
+    ql, gl = _as_list(query_labels), _as_list(gallery_labels)
+    vocab: dict = {}
+    qi = torch.tensor([vocab.setdefault(x, len(vocab)) for x in ql], dtype=torch.long)
+    gi = torch.tensor([vocab.setdefault(x, len(vocab)) for x in gl], dtype=torch.long)
+    return qi[:, None] == gi[None, :]
+
+
+def _check_ks(ks: Sequence[int]) -> None:
+    if any(int(k) < 1 for k in ks):
+        raise ValueError(f"all k must be >= 1, got {tuple(ks)}")
+
+
+def _ranked_positives(sim, positives) -> torch.Tensor:
+    """Validate inputs and return positives re-ordered by descending sim (stable)."""
+    sim = torch.as_tensor(sim, dtype=torch.float64)
+    positives = torch.as_tensor(positives).bool()
+    if sim.ndim != 2 or sim.shape != positives.shape:
+        raise ValueError(
+            f"sim and positives must be 2-D with the same shape, got "
+            f"{tuple(sim.shape)} and {tuple(positives.shape)}"
+        )
+    if sim.shape[0] == 0 or sim.shape[1] == 0:
+        raise ValueError(f"need at least one query and one gallery item, got {tuple(sim.shape)}")
+    missing = (~positives.any(dim=1)).nonzero().flatten().tolist()
+    if missing:
+        raise ValueError(f"queries without any positive in the gallery: {missing[:10]}")
+    order = torch.sort(sim, dim=1, descending=True, stable=True).indices
+    return positives.gather(1, order)
+
+
+def recall_at_k(sim, positives, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@k: share of queries with at least one positive among their top-k.
+
+    Ties broken by lower gallery index; k is clipped to G. Raises ValueError on
+    shape mismatch or if a query has no positive.
+    """
+    _check_ks(ks)
+    ranked = _ranked_positives(sim, positives)
+    g = ranked.shape[1]
+    return {f"R@{k}": ranked[:, : min(int(k), g)].any(dim=1).double().mean().item() for k in ks}
+
+
+def precision_at_k(sim, positives, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Precision@k: share of the top-k that are positive (denominator min(k, G)), mean over queries.
+
+    Same tie-breaking and validation as :func:`recall_at_k`.
+    """
+    _check_ks(ks)
+    ranked = _ranked_positives(sim, positives)
+    g = ranked.shape[1]
+    out = {}
+    for k in ks:
+        kk = min(int(k), g)
+        out[f"P@{k}"] = (ranked[:, :kk].double().sum(dim=1) / kk).mean().item()
+    return out
+
+
+def chance_recall_at_1(positives) -> float:
+    """Expected R@1 of a uniformly random ranking: mean over queries of n_pos / G."""
+    positives = torch.as_tensor(positives).bool()
+    if positives.ndim != 2 or positives.numel() == 0:
+        raise ValueError(f"positives must be a non-empty 2-D matrix, got {tuple(positives.shape)}")
+    if not bool(positives.any(dim=1).all()):
+        raise ValueError("every query needs at least one positive")
+    return positives.double().mean(dim=1).mean().item()
+
+
+def topk_accuracy(logits, targets, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-k classification accuracy, keys ``"top{k}"``; k clipped to C, ties to the lower class index."""
+    _check_ks(ks)
+    logits = torch.as_tensor(logits, dtype=torch.float64)
+    targets = torch.as_tensor(targets, dtype=torch.long)
+    if logits.ndim != 2 or targets.ndim != 1 or logits.shape[0] != targets.shape[0]:
+        raise ValueError(
+            f"expected logits [N, C] and targets [N], got {tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
+    n, c = logits.shape
+    if n == 0 or c == 0:
+        raise ValueError(f"need N >= 1 and C >= 1, got {tuple(logits.shape)}")
+    if bool(((targets < 0) | (targets >= c)).any()):
+        raise ValueError(f"targets must lie in [0, {c})")
+    order = torch.sort(logits, dim=1, descending=True, stable=True).indices
+    hit = order == targets[:, None]
+    return {f"top{k}": hit[:, : min(int(k), c)].any(dim=1).double().mean().item() for k in ks}
+
+
+def candidate_batch_prf(
+    query_emb,
+    cand_emb,
+    cand_labels,
+    batch_size: int = 10,
+    threshold: float = 0.25,
+    num_batches: int | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Macro precision/recall/F1 over random candidate batches ("Image retrieval from text" protocol).
+
+    ``query_emb[c]`` is the text query of class ``c``; both sides are l2-normalised
+    and compared by cosine. With ``g = torch.Generator().manual_seed(seed)``:
+    repeatedly draw ``perm = torch.randperm(N, generator=g)`` and cut it into
+    consecutive full batches (an incomplete tail is dropped), until ``num_batches``
+    batches exist (default: the batches of one permutation). Then, per batch in
+    order, ``j = torch.randint(batch_size, (1,), generator=g)`` picks the query
+    class ``cand_labels[batch[j]]``. Retrieved: cosine >= threshold; relevant:
+    label == query class. P = TP/retrieved (0 if none retrieved), R = TP/relevant,
+    F1 = 2PR/(P+R) (0 if P+R == 0). Returns macro means and the batch count.
+    """
+    q = torch.as_tensor(query_emb, dtype=torch.float64)
+    x = torch.as_tensor(cand_emb, dtype=torch.float64)
+    y = torch.as_tensor(cand_labels, dtype=torch.long)
+    if q.ndim != 2 or x.ndim != 2 or q.shape[1] != x.shape[1] or y.shape != (x.shape[0],):
+        raise ValueError(
+            f"expected query_emb [C, D], cand_emb [N, D], cand_labels [N], got "
+            f"{tuple(q.shape)}, {tuple(x.shape)}, {tuple(y.shape)}"
+        )
+    n = x.shape[0]
+    if batch_size < 1 or n < batch_size:
+        raise ValueError(f"batch_size must be in [1, N={n}], got {batch_size}")
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+    if bool(((y < 0) | (y >= q.shape[0])).any()):
+        raise ValueError(f"cand_labels must lie in [0, C={q.shape[0]})")
+
+    sim = F.normalize(x, dim=1) @ F.normalize(q, dim=1).T  # [N, C] cosine
+    g = torch.Generator().manual_seed(seed)
+    per_perm = n // batch_size
+    wanted = per_perm if num_batches is None else num_batches
+    batches: list[torch.Tensor] = []
+    while len(batches) < wanted:
+        perm = torch.randperm(n, generator=g)
+        batches.extend(perm[i * batch_size : (i + 1) * batch_size] for i in range(per_perm))
+    batches = batches[:wanted]
+
+    ps, rs, fs = [], [], []
+    for idx in batches:
+        j = int(torch.randint(batch_size, (1,), generator=g))
+        cls = int(y[idx[j]])
+        retrieved = sim[idx, cls] >= threshold
+        relevant = y[idx] == cls
+        tp = int((retrieved & relevant).sum())
+        n_ret, n_rel = int(retrieved.sum()), int(relevant.sum())
+        p = tp / n_ret if n_ret else 0.0
+        r = tp / n_rel
+        ps.append(p)
+        rs.append(r)
+        fs.append(2 * p * r / (p + r) if p + r else 0.0)
+    m = len(batches)
+    return {"precision": sum(ps) / m, "recall": sum(rs) / m, "f1": sum(fs) / m, "batches": m}
+
+
+def cyclic_distance(a, b, period: float) -> torch.Tensor:
+    """Elementwise minimal distance between ``a`` and ``b`` on a circle of length ``period``.
+
+    E.g. with period 24, hours 23 and 1 are 2 apart. Result lies in [0, period / 2].
+    """
+    if period <= 0:
+        raise ValueError(f"period must be positive, got {period}")
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    d = torch.remainder(a - b, period)
+    return torch.minimum(d, period - d)

@@ -1,0 +1,44 @@
+"""What every task provides: options, a sample mapping, a training forward and an evaluation.
+
+A task is an ``nn.Module`` holding its head's parameters. The backbone is passed in, not owned,
+so all tasks share one backbone and one DeepSpeed engine.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Iterable
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from training.model import Backbone
+
+
+class TaskOptions(BaseModel):
+    """Base of every task's options: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Task(nn.Module):
+    """Interface of a task head. Subclasses set ``Options`` and implement the four methods."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[TaskOptions]] = TaskOptions
+
+    def __init__(self, options: TaskOptions, backbone: Backbone):
+        super().__init__()
+        self.options = options
+
+    def map_sample(self, sample: dict[str, Any], backbone: Backbone, train: bool) -> dict[str, Any]:
+        """Turn one decoded WebDataset sample into tensors (runs in data-loader workers)."""
+        raise NotImplementedError
+
+    def training_forward(self, backbone: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Return ``({"<name>_loss": tensor, ...}, {metric: float})`` for one batch."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, backbone: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+        """Held-out metrics over an iterable of batches (every rank runs it identically)."""
+        raise NotImplementedError

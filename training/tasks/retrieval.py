@@ -1,0 +1,159 @@
+"""retrieval: text<->image contrastive fine-tuning (task spec section 1).
+
+Head: the backbone's own projections plus a learnable logit scale. Loss: symmetric InfoNCE where
+every pair with the same caption is a positive (multi-positive), gathered across ranks.
+Metrics: image->text / text->image R@1/5/10, zero-shot top-1/top-5 from class prompts, and the
+original work's candidate-batch precision/recall/F1 (cosine similarity, threshold).
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from training import metrics
+from training.model import Backbone
+from training.registry import register_task
+from training.tasks.base import Task, TaskOptions
+
+
+class RetrievalOptions(TaskOptions):
+    templates: tuple[str, ...] = ("this is a photo of a {}",)  # zero-shot class prompts
+    classnames: tuple[str, ...] | None = None  # zero-shot classes; None: the labels seen in eval data
+    init_logit_scale: float | None = None  # None: start from the backbone's logit scale
+    gather_across_ranks: bool = True  # negatives from every rank's batch, as open_clip does
+    candidate_batch_size: int = 10  # N candidates per batch in the candidate-batch protocol
+    candidate_threshold: float = 0.25  # cosine at or above which a candidate counts as retrieved
+    candidate_batches: int = 200  # batches drawn for the candidate-batch protocol
+
+
+def caption_id(caption: str) -> int:
+    """A stable integer id of a caption, so ranks can tell duplicate captions apart cheaply."""
+    return zlib.crc32(caption.strip().lower().encode("utf-8"))
+
+
+def multi_positive_infonce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against a target spread evenly over each row's positives.
+
+    With one positive per row this is the usual InfoNCE; duplicates are no longer negatives.
+    """
+    target = positives.float() / positives.float().sum(dim=1, keepdim=True)
+    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def _gather(t: torch.Tensor, with_grad: bool) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    if with_grad:
+        import torch.distributed.nn.functional as dist_nn
+
+        return torch.cat(dist_nn.all_gather(t), dim=0)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return torch.cat(out, dim=0)
+
+
+@register_task("retrieval")
+class RetrievalTask(Task):
+    Options = RetrievalOptions
+
+    def __init__(self, options: RetrievalOptions, backbone: Backbone):
+        super().__init__(options, backbone)
+        init = options.init_logit_scale
+        if init is None:
+            init = float(backbone.model.logit_scale.detach()) if hasattr(backbone.model, "logit_scale") \
+                else math.log(1 / 0.07)
+        self.logit_scale = nn.Parameter(torch.tensor(float(init)))
+        self.tokenizer = backbone.tokenizer  # for zero-shot class prompts at evaluation
+
+    def map_sample(self, sample: dict[str, Any], backbone: Backbone, train: bool) -> dict[str, Any]:
+        meta = sample["json"]
+        caption = meta["caption"]
+        preprocess = backbone.preprocess_train if train else backbone.preprocess_val
+        return {
+            "task": "retrieval",
+            "image": preprocess(sample["image"]),
+            "text": backbone.tokenizer([caption])[0],
+            "caption_id": caption_id(caption),
+            "caption": caption,
+            "label": meta.get("label", caption),
+            "key": sample["__key__"],
+        }
+
+    def _encode(self, backbone: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        image = F.normalize(backbone.encode_image(batch["image"]), dim=-1)
+        text = F.normalize(backbone.encode_text(batch["text"]), dim=-1)
+        return image, text
+
+    def training_forward(self, backbone, batch):
+        image, text = self._encode(backbone, batch)
+        ids = torch.as_tensor(batch["caption_id"], device=image.device)
+        if self.options.gather_across_ranks:
+            image, text, ids = _gather(image, True), _gather(text, True), _gather(ids, False)
+        scale = self.logit_scale.clamp(max=math.log(100)).exp()
+        logits = scale * image.float() @ text.float().T
+        positives = ids[:, None] == ids[None, :]
+        loss = (multi_positive_infonce(logits, positives) + multi_positive_infonce(logits.T, positives.T)) / 2
+        return {"contrastive_loss": loss}, {"logit_scale": float(scale.detach())}
+
+    @torch.no_grad()
+    def embed(self, backbone: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
+        """Normalised image and text embeddings of a held-out set, with captions and labels."""
+        images, texts, captions, labels = [], [], [], []
+        for batch in batches:
+            image, text = self._encode(backbone, batch)
+            images.append(image.float().cpu())
+            texts.append(text.float().cpu())
+            captions += list(batch["caption"])
+            labels += list(batch["label"])
+        return {"image": torch.cat(images), "text": torch.cat(texts), "caption": captions, "label": labels}
+
+    @torch.no_grad()
+    def class_embeddings(self, backbone: nn.Module, classnames: list[str]) -> torch.Tensor:
+        """One normalised text embedding per class: the mean over prompt templates."""
+        device = next(backbone.parameters()).device
+        out = []
+        for name in classnames:
+            tokens = self.tokenizer([t.format(name) for t in self.options.templates]).to(device)
+            emb = F.normalize(backbone.encode_text(tokens).float(), dim=-1).mean(0)
+            out.append(F.normalize(emb, dim=-1))
+        return torch.stack(out).cpu()
+
+    @torch.no_grad()
+    def evaluate(self, backbone, batches):
+        emb = self.embed(backbone, batches)
+        classnames = self._classnames(emb)
+        return score_retrieval(emb, self.class_embeddings(backbone, classnames), classnames, self.options)
+
+    def _classnames(self, emb: dict[str, Any]) -> list[str]:
+        return list(self.options.classnames) if self.options.classnames else sorted(set(emb["label"]))
+
+
+def score_retrieval(emb: dict[str, Any], class_emb: torch.Tensor, classnames: list[str],
+                    options: RetrievalOptions) -> dict[str, float]:
+    """All retrieval metrics from held-out embeddings (shared by torch and ONNX evaluation)."""
+    sim_t2i = emb["text"] @ emb["image"].T
+    same_caption = metrics.positives_from_labels(emb["caption"], emb["caption"])
+    out = {}
+    out.update({f"t2i_{k}": v for k, v in metrics.recall_at_k(sim_t2i, same_caption, (1, 5, 10)).items()})
+    out.update({f"i2t_{k}": v for k, v in metrics.recall_at_k(sim_t2i.T, same_caption.T, (1, 5, 10)).items()})
+    out["t2i_R@1_chance"] = metrics.chance_recall_at_1(same_caption)
+    index = {c: i for i, c in enumerate(classnames)}
+    known = [i for i, lab in enumerate(emb["label"]) if lab in index]
+    if known:
+        targets = torch.tensor([index[emb["label"][i]] for i in known])
+        logits = emb["image"][known] @ class_emb.T
+        out.update({f"zeroshot_{k}": v for k, v in metrics.topk_accuracy(logits, targets, (1, 5)).items()})
+        out["zeroshot_top1_chance"] = 1.0 / len(classnames)
+        prf = metrics.candidate_batch_prf(class_emb, emb["image"][known], targets,
+                                          batch_size=options.candidate_batch_size,
+                                          threshold=options.candidate_threshold,
+                                          num_batches=options.candidate_batches)
+        out.update({f"candidate_{k}": v for k, v in prf.items() if k != "batches"})
+    out["num_samples"] = len(emb["caption"])
+    return out

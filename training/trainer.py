@@ -1,0 +1,197 @@
+"""The one training loop for every task, on DeepSpeed. Read it top to bottom:
+
+setup (process group, model, engine, data) -> resume -> evaluate -> loop (pick task, forward,
+engine.backward, engine.step, log, evaluate, checkpoint) -> final evaluation -> final weights.
+
+DeepSpeed owns gradient accumulation, clipping, the optimizer and the scheduler step; the batch
+sizes come from the typed config only (``train_batch_size`` is derived, never asked for).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from shards.reader import read_skip_logs, summarize_skips
+from training import checkpoint as ckpt
+from training.config import Config, load_deepspeed_overrides
+from training.data import steps_per_epoch, to_device, train_loader
+from training.evaluation import evaluate_model
+from training.distributed import DistInfo, barrier, init_distributed
+from training.logging_utils import RunLogger, plot_curves, setup_console_logging
+from training.model import build_model, param_groups
+from training.schedule import lr_multiplier
+
+log = logging.getLogger("multiclip.train")
+
+
+def deepspeed_config(cfg: Config, use_bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON, built from the typed config (plus the user's ds_config overrides)."""
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.optim.micro_batch_size,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": use_bf16},
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    ds.update(load_deepspeed_overrides(cfg))
+    return ds
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Run one training job as configured; returns the final metrics (on every rank)."""
+    import deepspeed
+
+    dist_info: DistInfo = init_distributed()
+    setup_console_logging(dist_info.is_main)
+    run_dir, ckpt_dir = Path(cfg.run.output_dir), Path(cfg.run.output_dir) / "checkpoints"
+    run_state = ckpt.read_run_state(ckpt_dir) if resume else None
+    if run_state is not None:
+        ckpt.check_resumable(run_state, cfg.to_dict(), ckpt_dir)
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    seed_everything(cfg.run.seed)
+
+    # model, optimizer, schedule, engine
+    model, backbone = build_model(cfg)
+    use_bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and torch.cuda.is_available())
+    groups = param_groups(model, cfg.optim.lr_backbone, cfg.optim.lr_head, cfg.optim.weight_decay,
+                          cfg.optim.freeze_backbone)
+    optimizer = torch.optim.AdamW(groups, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
+        s, cfg.optim.warmup_steps, cfg.optim.max_steps, cfg.optim.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, use_bf16))
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+
+    step = 0
+    if run_state is not None:
+        engine.load_checkpoint(str(ckpt_dir), tag=run_state["tag"])
+        step = run_state["step"]
+        log.info("resumed from %s at step %d", ckpt_dir / run_state["tag"], step)
+    elif resume:
+        log.info("--resume: no checkpoint in %s, starting from step 0", ckpt_dir)
+
+    # data: one endless stream per task, positioned where the checkpoint left it
+    epoch_steps = steps_per_epoch(cfg, dist_info.world_size)
+    micro_per_epoch = epoch_steps * cfg.optim.grad_accum
+    consumed = step * cfg.optim.grad_accum  # micro batches this rank has taken so far
+    tasks = {name: head for name, head in model.heads.items()}
+    streams = {name: iter(train_loader(cfg, task, backbone, dist_info, run_dir, consumed // micro_per_epoch))
+               for name, task in tasks.items()}
+    for name in streams:  # replay the part of the epoch the checkpoint had already consumed
+        for _ in range(consumed % micro_per_epoch):
+            next(streams[name])
+    rng = random.Random(cfg.run.seed + step)
+    task_names = list(tasks)
+
+    logger = RunLogger(run_dir, dist_info.is_main)
+    baseline = evaluate_model(engine.module, backbone, cfg) if run_state is None else None
+    if baseline is not None:
+        logger.log({"kind": "eval", "step": step, **baseline})
+        log.info("before training: %s", json.dumps(baseline))
+
+    progress = _progress_bar(dist_info.is_main, cfg.optim.max_steps, step)
+    tick, window_samples, reports = time.time(), 0, []
+    while step < cfg.optim.max_steps:
+        for _ in range(cfg.optim.grad_accum):
+            name = rng.choice(task_names)
+            batch = to_device(next(streams[name]), dist_info.device, dtype)
+            if cfg.run.audit:
+                _audit_keys(run_dir, dist_info.rank, step, batch["key"])
+            loss, report = engine(batch)
+            engine.backward(loss)
+            engine.step()
+            reports.append({"loss": float(loss.detach()), **report})
+            window_samples += cfg.optim.micro_batch_size * dist_info.world_size
+        step += 1
+        progress.update(1)
+        if step % cfg.schedule.log_every == 0 or step == cfg.optim.max_steps:
+            record = _train_record(step, epoch_steps, reports, window_samples, time.time() - tick, engine)
+            logger.log(record)
+            progress.set_postfix(loss=f"{record['loss']:.3f}")
+            tick, window_samples, reports = time.time(), 0, []
+        if cfg.schedule.eval_every and step % cfg.schedule.eval_every == 0 and step < cfg.optim.max_steps:
+            logger.log({"kind": "eval", "step": step, **evaluate_model(engine.module, backbone, cfg)})
+        if cfg.schedule.checkpoint_every and step % cfg.schedule.checkpoint_every == 0:
+            ckpt.save_checkpoint(engine, ckpt_dir, step, {"step": step, "config": cfg.to_dict()},
+                                 dist_info, cfg.schedule.keep_checkpoints)
+    progress.close()
+
+    final = evaluate_model(engine.module, backbone, cfg)
+    logger.log({"kind": "eval", "step": step, **final})
+    tag = ckpt.save_checkpoint(engine, ckpt_dir, step, {"step": step, "config": cfg.to_dict()},
+                               dist_info, cfg.schedule.keep_checkpoints)
+    result = {"step": step, "before": baseline, "after": final,
+              "skipped_samples": summarize_skips(read_skip_logs(run_dir / "skipped"))}
+    if dist_info.is_main:
+        state = ckpt.consolidated_state_dict(ckpt_dir, tag, cfg.deepspeed.zero_stage)
+        ckpt.write_final(state, run_dir / "final", cfg.to_dict())
+        (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+        plot_curves(logger.path, run_dir / "curves.png")
+        log.info("after training: %s", json.dumps(final))
+        log.info("skipped samples: %s", json.dumps(result["skipped_samples"]))
+    if cfg.run.audit:
+        _audit_weights(run_dir, dist_info.rank, engine.module, cfg.deepspeed.zero_stage)
+    logger.close()
+    barrier()
+    return result
+
+
+def _audit_keys(run_dir: Path, rank: int, step: int, keys: list[str]) -> None:
+    folder = run_dir / "audit"
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / f"keys-rank{rank}.jsonl").open("a") as f:
+        f.write(json.dumps({"step": step, "keys": list(keys)}) + "\n")
+
+
+def _audit_weights(run_dir: Path, rank: int, module, zero_stage: int) -> None:
+    """A hash of this rank's full weights (ZeRO-3 holds only a partition per rank: not comparable)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    if zero_stage < 3:
+        for name, p in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    (run_dir / "audit").mkdir(parents=True, exist_ok=True)
+    (run_dir / "audit" / f"weights-rank{rank}.json").write_text(
+        json.dumps({"rank": rank, "zero_stage": zero_stage, "sha256": digest.hexdigest()}))
+
+
+def _train_record(step, epoch_steps, reports, samples, seconds, engine) -> dict[str, Any]:
+    keys = {k for r in reports for k in r}
+    means = {k: float(np.mean([r[k] for r in reports if k in r])) for k in keys}
+    lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
+    return {"kind": "train", "step": step, "epoch": step / epoch_steps, **means, **lrs,
+            "samples_per_s": samples / max(seconds, 1e-9)}
+
+
+class _NoBar:
+    def update(self, n): ...
+    def set_postfix(self, **kw): ...
+    def close(self): ...
+
+
+def _progress_bar(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
