@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from training.trainer import train
 
-    result = train(cfg, resume=args.resume)
+    try:
+        result = train(cfg, resume=args.resume)
+    except ConfigError as err:  # e.g. --resume of a checkpoint trained with another model
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if result and training_is_main():
         print(json.dumps({"before": result["before"], "after": result["after"]}, indent=1))
     return 0

@@ -102,15 +102,26 @@ def load_sizes(directory: str | Path) -> dict[str, int]:
         return {}
 
 
+class ShardSizes:
+    """Listed sample counts of shards, reading each directory's sizes.json once."""
+
+    def __init__(self) -> None:
+        self._by_dir: dict[str, dict[str, int]] = {}
+
+    def listed(self, url: str) -> int | None:
+        """The count sizes.json gives for this shard, or None when it is not listed."""
+        directory = os.path.dirname(url)
+        if directory not in self._by_dir:
+            self._by_dir[directory] = load_sizes(directory or ".")
+        return self._by_dir[directory].get(os.path.basename(url))
+
+
 def count_samples(urls: str | list[str]) -> int:
     """Total samples in the shards, from sizes.json where listed, else by reading the shard."""
-    sizes_by_dir: dict[str, dict[str, int]] = {}
+    sizes = ShardSizes()
     total = 0
     for url in expand_urls(urls):
-        directory = os.path.dirname(url)
-        if directory not in sizes_by_dir:
-            sizes_by_dir[directory] = load_sizes(directory or ".")
-        listed = sizes_by_dir[directory].get(os.path.basename(url))
+        listed = sizes.listed(url)
         total += listed if listed is not None else count_by_reading(url)
     return total
 
@@ -183,10 +194,12 @@ class SampleError(Exception):
         self.reason = reason
 
 
-def read_shard(url: str, skip_log: SkipLog) -> Iterator[dict[str, Any]]:
+def read_shard(url: str, skip_log: SkipLog, expected: int | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples of one shard; a tar error drops the sample being read and ends the shard, keeping the rest.
 
-    Samples that webdataset yields after the error are the unfinished one it was assembling.
+    Samples that webdataset yields after the error are the unfinished one it was assembling. With
+    ``expected`` (from sizes.json), a shard that ends early without an error (a tar cut inside a header
+    looks like a normal end to tarfile) is reported too.
     """
     failures: list[BaseException] = []
 
@@ -194,21 +207,26 @@ def read_shard(url: str, skip_log: SkipLog) -> Iterator[dict[str, Any]]:
         failures.append(exc)
         return False
 
-    reported = False
+    seen = 0
+    unfinished_reported = False
     for sample in wds.tarfile_to_samples(handler=stop_shard)([{"url": url}]):
+        seen += 1
         if failures:
             skip_log.record(url, sample.get("__key__"), "corrupt_tar", failures[0])
-            reported = True
+            unfinished_reported = True
             continue
         yield sample
-    if failures and not reported:
+    if failures and not unfinished_reported:
         skip_log.record(url, None, "corrupt_tar", failures[0])
+    if expected is not None and seen < expected:
+        skip_log.record(url, None, "corrupt_tar", f"read {seen} of the {expected} samples listed in {SIZES_FILE}")
 
 
 def read_shards(shards: Iterable[dict[str, str]], skip_log: SkipLog) -> Iterator[dict[str, Any]]:
-    """Raw samples of each shard in turn."""
+    """Raw samples of each shard in turn, checked against sizes.json where the shard is listed."""
+    sizes = ShardSizes()
     for shard in shards:
-        yield from read_shard(shard["url"], skip_log)
+        yield from read_shard(shard["url"], skip_log, sizes.listed(shard["url"]))
 
 
 def decode_image(data: bytes) -> Image.Image:

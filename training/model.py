@@ -142,3 +142,22 @@ def param_groups(model: MultiTaskModel, lr_backbone: float, lr_head: float, weig
             if params:
                 groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": f"{part}/{suffix}"})
     return groups
+
+
+def promote_scalar_parameters(model: nn.Module) -> list[str]:
+    """Give 0-dim parameters (open_clip's ``logit_scale``) shape [1]; return their names.
+
+    DeepSpeed 0.19.8 broadcasts each parameter as ``p.data.view(torch.uint8)`` at start-up, which
+    fails on a 0-dim tensor. Shape [1] broadcasts identically in every use; the final weights are
+    written back with shape [] (:func:`restore_scalar_shapes`) so open_clip loads them as usual.
+    """
+    names = []
+    for name, param in model.named_parameters():
+        if param.ndim == 0:
+            param.data = param.data.reshape(1)
+            names.append(name)
+    return names
+
+
+def restore_scalar_shapes(state: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+    return {k: v.reshape(()) if k in names else v for k, v in state.items()}

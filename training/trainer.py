@@ -26,7 +26,7 @@ from training.data import steps_per_epoch, to_device, train_loader
 from training.evaluation import evaluate_model
 from training.distributed import DistInfo, barrier, init_distributed
 from training.logging_utils import RunLogger, plot_curves, setup_console_logging
-from training.model import build_model, param_groups
+from training.model import build_model, param_groups, promote_scalar_parameters, restore_scalar_shapes
 from training.schedule import lr_multiplier
 
 log = logging.getLogger("multiclip.train")
@@ -70,6 +70,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     # model, optimizer, schedule, engine
     model, backbone = build_model(cfg)
+    scalar_names = promote_scalar_parameters(model)
     use_bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and torch.cuda.is_available())
     groups = param_groups(model, cfg.optim.lr_backbone, cfg.optim.lr_head, cfg.optim.weight_decay,
                           cfg.optim.freeze_backbone)
@@ -141,7 +142,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     result = {"step": step, "before": baseline, "after": final,
               "skipped_samples": summarize_skips(read_skip_logs(run_dir / "skipped"))}
     if dist_info.is_main:
-        state = ckpt.consolidated_state_dict(ckpt_dir, tag, cfg.deepspeed.zero_stage)
+        state = restore_scalar_shapes(ckpt.consolidated_state_dict(ckpt_dir, tag, cfg.deepspeed.zero_stage),
+                                      scalar_names)
         ckpt.write_final(state, run_dir / "final", cfg.to_dict())
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
         plot_curves(logger.path, run_dir / "curves.png")

@@ -1,0 +1,1 @@
+"""multiclip serving: torch-free batch inference on onnxruntime (see the ONNX issue)."""

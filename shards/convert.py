@@ -1,0 +1,290 @@
+"""Converters from common on-disk datasets to shard sets, verifying every image on the way.
+
+    python -m shards.convert folder --root DIR --out DIR [--shard-size 1000] [--caption-template T]
+    python -m shards.convert captions --file F.csv|F.jsonl --out DIR [--images-root DIR]
+                                      [--image-column image] [--caption-column caption] [--label-column label]
+
+Images keep their original bytes and extension (``jpeg`` becomes ``jpg``); unusable records are counted
+by reason in ``summary.json`` next to the shards. A new format is one ``Converter`` in ``CONVERTERS``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from PIL import Image
+
+from shards.writer import ShardSetWriter
+
+LOGGER = logging.getLogger("multiclip.shards")
+SUMMARY_FILE = "summary.json"
+EXTENSION_ALIASES = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "webp": "webp"}
+DEFAULT_CAPTION_TEMPLATE = "a photo of a {label}"
+
+
+class SkipRecord(Exception):
+    """A source record that cannot become a sample, with the reason summary.json counts it under."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """One would-be sample: where its image is, what it says, and how to name it in ``source``."""
+
+    image_path: Path
+    source: str
+    caption: str
+    label: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Summary:
+    """Counts for summary.json: every record read is either written or skipped for one reason."""
+
+    read: int = 0
+    written: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"read": self.read, "written": self.written, "skipped": dict(sorted(self.skipped.items()))}
+
+
+# --------------------------------------------------------------------------- shared: images and writing
+
+
+def image_extension(path: Path) -> str:
+    """Normalised extension, or a SkipRecord for formats the sample layout does not allow."""
+    extension = path.suffix.lower().lstrip(".")
+    if extension not in EXTENSION_ALIASES:
+        raise SkipRecord("unsupported_image", f"{path}: extension {path.suffix!r} is not jpg, jpeg, png or webp")
+    return EXTENSION_ALIASES[extension]
+
+
+def read_verified_image(path: Path) -> bytes:
+    """The file's bytes, after a full decode proves they are a usable image."""
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise SkipRecord("missing_image", f"{path}: {exc}") from exc
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise SkipRecord("corrupt_image", f"{path}: {exc}") from exc
+    return data
+
+
+def load_record(record: SourceRecord | SkipRecord) -> tuple[str, bytes]:
+    """(extension, verified bytes) of a record's image; raises SkipRecord for anything unusable."""
+    if isinstance(record, SkipRecord):
+        raise record
+    return image_extension(record.image_path), read_verified_image(record.image_path)
+
+
+def sample_meta(record: SourceRecord) -> dict[str, Any]:
+    return {"task": "retrieval", "caption": record.caption, "label": record.label, "source": record.source,
+            **record.extra}
+
+
+def write_records(
+    records: Iterator[SourceRecord | SkipRecord], out: Path, shard_size: int, overwrite: bool
+) -> dict[str, Any]:
+    """Verify and write every record, count the rest by reason; writes summary.json and returns it."""
+    summary = Summary()
+    with ShardSetWriter(out, shard_size, overwrite=overwrite) as writer:
+        for record in records:
+            summary.read += 1
+            try:
+                extension, data = load_record(record)
+            except SkipRecord as skip:
+                LOGGER.warning("skipped record: reason=%s %s", skip.reason, skip)
+                summary.skip(skip.reason)
+                continue
+            writer.write(f"{summary.written:09d}", {extension: data}, sample_meta(record))
+            summary.written += 1
+    result = summary.as_dict()
+    (out / SUMMARY_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# --------------------------------------------------------------------------- folder: one subfolder per class
+
+
+def class_folder_records(root: Path, caption_template: str) -> Iterator[SourceRecord]:
+    """Images under root/<label>/ (any depth), in sorted order so output is reproducible."""
+    for class_dir in sorted(path for path in root.iterdir() if path.is_dir()):
+        label = class_dir.name
+        for path in sorted(class_dir.rglob("*")):
+            if path.suffix.lower().lstrip(".") in EXTENSION_ALIASES and not path.is_dir():
+                yield SourceRecord(path, path.relative_to(root).as_posix(), caption_template.format(label=label), label)
+
+
+def convert_folder(
+    root: str | Path,
+    out: str | Path,
+    shard_size: int = 1000,
+    caption_template: str = DEFAULT_CAPTION_TEMPLATE,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """CIFAR-10/VOC-style class folders: label = subfolder name, caption from the template."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root {root} is not a directory")
+    return write_records(class_folder_records(root, caption_template), Path(out), shard_size, overwrite)
+
+
+# --------------------------------------------------------------------------- captions: csv or jsonl
+
+
+def csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """(line number, row); a row with the wrong number of fields comes back as None."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        for row in reader:
+            malformed = None in row or None in row.values()
+            yield reader.line_num, None if malformed else row
+
+
+def jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    """(line number, row); a line that is not a JSON object comes back as None. Blank lines are not rows."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            yield number, row if isinstance(row, dict) else None
+
+
+ROW_READERS: dict[str, Callable[[Path], Iterator[tuple[int, dict[str, Any] | None]]]] = {
+    ".csv": csv_rows,
+    ".jsonl": jsonl_rows,
+}
+
+
+@dataclass(frozen=True)
+class CaptionColumns:
+    image: str = "image"
+    caption: str = "caption"
+    label: str = "label"
+
+
+def text_field(row: dict[str, Any], column: str) -> str:
+    value = row.get(column)
+    return value.strip() if isinstance(value, str) else ""
+
+
+def caption_record(
+    number: int, row: dict[str, Any] | None, images_root: Path, columns: CaptionColumns
+) -> SourceRecord | SkipRecord:
+    """One table row to a record; problems become SkipRecords so they are counted, not raised."""
+    image = text_field(row, columns.image) if row is not None else ""
+    if not image:
+        return SkipRecord("bad_row", f"line {number}: unparseable row or no {columns.image!r} value")
+    caption = text_field(row, columns.caption)
+    if not caption:
+        return SkipRecord("missing_caption", f"line {number}: no {columns.caption!r} value")
+    label = text_field(row, columns.label) or caption
+    return SourceRecord(images_root / image, image, caption, label, {"row": number})
+
+
+def caption_file_records(file: Path, images_root: Path, columns: CaptionColumns) -> Iterator[SourceRecord | SkipRecord]:
+    read_rows = ROW_READERS.get(file.suffix.lower())
+    if read_rows is None:
+        raise ValueError(f"{file}: caption files must be one of {sorted(ROW_READERS)}")
+    for number, row in read_rows(file):
+        yield caption_record(number, row, images_root, columns)
+
+
+def convert_captions(
+    file: str | Path,
+    out: str | Path,
+    images_root: str | Path | None = None,
+    image_column: str = "image",
+    caption_column: str = "caption",
+    label_column: str = "label",
+    shard_size: int = 1000,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Image path + caption tables (csv or jsonl); paths are relative to images_root (default: the file's dir)."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"caption file {file} does not exist")
+    root = Path(images_root) if images_root is not None else file.parent
+    columns = CaptionColumns(image_column, caption_column, label_column)
+    return write_records(caption_file_records(file, root, columns), Path(out), shard_size, overwrite)
+
+
+# --------------------------------------------------------------------------- CLI registry
+
+
+@dataclass(frozen=True)
+class Converter:
+    """A format's CLI: its arguments and the function they are passed to (as keyword arguments)."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    convert: Callable[..., dict[str, Any]]
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="directory for the shards, sizes.json and summary.json")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+
+
+def add_folder_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", required=True, help="directory with one subfolder per class")
+    parser.add_argument("--caption-template", default=DEFAULT_CAPTION_TEMPLATE, help="uses {label}")
+
+
+def add_captions_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--file", required=True, help=".csv or .jsonl table of images and captions")
+    parser.add_argument("--images-root", default=None, help="image paths are relative to this (default: file's dir)")
+    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--caption-column", default="caption")
+    parser.add_argument("--label-column", default="label", help="optional; the caption when absent")
+
+
+CONVERTERS: dict[str, Converter] = {
+    "folder": Converter("one subfolder per class (CIFAR-10/VOC layout)", add_folder_arguments, convert_folder),
+    "captions": Converter("csv/jsonl table of image paths and captions", add_captions_arguments, convert_captions),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m shards.convert", description="Convert datasets to shards.")
+    formats = parser.add_subparsers(dest="format", required=True)
+    for name, converter in CONVERTERS.items():
+        sub = formats.add_parser(name, help=converter.help)
+        converter.add_arguments(sub)
+        add_common_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = vars(build_parser().parse_args(argv))
+    converter = CONVERTERS[args.pop("format")]
+    summary = converter.convert(**args)
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    main()

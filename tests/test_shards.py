@@ -1,0 +1,481 @@
+"""Tests of the shards package: writing, URL expansion, synthetic data, loaders, bad-data handling, converters."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from shards import convert, synth
+from shards.reader import (
+    count_samples,
+    expand_urls,
+    make_eval_loader,
+    make_loader,
+    read_skip_logs,
+    summarize_skips,
+)
+from shards.writer import ShardSetWriter, encode_image
+
+# --------------------------------------------------------------------------- helpers
+
+
+def tiny_image(index: int, fmt: str = "png") -> bytes:
+    return encode_image(Image.new("RGB", (8, 8), (index % 256, 40, 90)), fmt)
+
+
+def write_shard_set(out: Path, n_shards: int, per_shard: int, prefix: str = "s") -> list[str]:
+    """n_shards full shards of tiny PNG samples; returns every key written."""
+    keys = [f"{prefix}{i:04d}" for i in range(n_shards * per_shard)]
+    with ShardSetWriter(out, shard_size=per_shard) as writer:
+        for i, key in enumerate(keys):
+            writer.write(key, {"png": tiny_image(i)}, {"task": "retrieval", "caption": f"c{i}", "label": "x",
+                                                      "source": f"src/{i}"})
+    return keys
+
+
+def key_and_width(sample: dict[str, Any]) -> dict[str, Any]:
+    """A map_fn that checks the decoded types and keeps what the tests compare."""
+    image = sample["png"]
+    assert isinstance(image, Image.Image) and image.mode == "RGB"
+    assert isinstance(sample["json"], dict) and sample["__url__"].endswith(".tar")
+    return {"key": sample["__key__"], "width": image.width}
+
+
+def fail_on_key(bad_key: str):
+    def map_fn(sample: dict[str, Any]) -> dict[str, Any]:
+        if sample["__key__"] == bad_key:
+            raise RuntimeError("map_fn exploded")
+        return key_and_width(sample)
+
+    return map_fn
+
+
+def loader_keys(loader, max_batches: int | None = None) -> list[str]:
+    keys: list[str] = []
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        keys.extend(batch["key"])
+    return keys
+
+
+def batches_of_keys(loader, count: int) -> list[list[str]]:
+    batches = []
+    for batch in loader:
+        batches.append(list(batch["key"]))
+        if len(batches) == count:
+            break
+    return batches
+
+
+def read_all_samples(directory: Path) -> list[dict[str, Any]]:
+    return list(wds.WebDataset(expand_urls(str(directory)), shardshuffle=False))
+
+
+# --------------------------------------------------------------------------- writer
+
+
+def test_writer_splits_into_shards_and_indexes_sizes(tmp_path: Path) -> None:
+    keys = write_shard_set(tmp_path, n_shards=2, per_shard=10)
+    with ShardSetWriter(tmp_path / "odd", shard_size=10) as writer:
+        for i in range(25):
+            writer.write(f"k{i}", {"png": tiny_image(i)}, {"caption": "é"})
+    sizes = json.loads((tmp_path / "odd" / "sizes.json").read_text())
+    assert sizes == {"shards": {"shard-000000.tar": 10, "shard-000001.tar": 10, "shard-000002.tar": 5}, "total": 25}
+    samples = read_all_samples(tmp_path / "odd")
+    assert [s["__key__"] for s in samples] == [f"k{i}" for i in range(25)]
+    assert json.loads(samples[0]["json"]) == {"caption": "é"}
+    assert Image.open(io.BytesIO(samples[3]["png"])).getpixel((0, 0)) == (3, 40, 90)
+    assert count_samples(str(tmp_path)) == len(keys)
+
+
+def test_writer_validates_samples_and_output_dir(tmp_path: Path) -> None:
+    with ShardSetWriter(tmp_path / "a", shard_size=5) as writer:
+        for bad_key in ("with.dot", "", "a/b"):
+            with pytest.raises(ValueError, match="invalid sample key"):
+                writer.write(bad_key, {"png": tiny_image(0)}, {})
+        with pytest.raises(ValueError, match="invalid image member"):
+            writer.write("k", {"gif": b"x"}, {})
+        with pytest.raises(ValueError, match="at least one image"):
+            writer.write("k", {}, {})
+        writer.write("k", {"0.jpg": tiny_image(0, "jpg"), "1.jpg": tiny_image(1, "jpg")}, {})
+        with pytest.raises(ValueError, match="duplicate"):
+            writer.write("k", {"png": tiny_image(0)}, {})
+    assert set(read_all_samples(tmp_path / "a")[0]) >= {"0.jpg", "1.jpg", "json"}
+    with pytest.raises(FileExistsError, match="overwrite"):
+        ShardSetWriter(tmp_path / "a")
+    with ShardSetWriter(tmp_path / "a", overwrite=True):
+        pass
+    assert list((tmp_path / "a").glob("*.tar")) == []
+    assert json.loads((tmp_path / "a" / "sizes.json").read_text()) == {"shards": {}, "total": 0}
+
+
+def test_encode_image_round_trips() -> None:
+    image = Image.new("RGB", (16, 12), (200, 10, 10))
+    assert Image.open(io.BytesIO(encode_image(image, "png"))).getpixel((3, 3)) == (200, 10, 10)
+    decoded = Image.open(io.BytesIO(encode_image(image, "jpg")))
+    assert decoded.format == "JPEG" and decoded.size == (16, 12)
+    with pytest.raises(ValueError):
+        encode_image(image, "bmp")
+
+
+# --------------------------------------------------------------------------- expand_urls and counting
+
+
+def test_expand_urls_brace_glob_dir_and_list(tmp_path: Path) -> None:
+    write_shard_set(tmp_path / "a", n_shards=3, per_shard=2)
+    write_shard_set(tmp_path / "b", n_shards=2, per_shard=2)
+    a = [str(tmp_path / "a" / f"shard-00000{i}.tar") for i in range(3)]
+    b = [str(tmp_path / "b" / f"shard-00000{i}.tar") for i in range(2)]
+    assert expand_urls(str(tmp_path / "a" / "shard-{000000..000002}.tar")) == a
+    assert expand_urls(str(tmp_path / "a" / "*.tar")) == a
+    assert expand_urls(tmp_path / "a") == a
+    assert expand_urls([str(tmp_path / "a"), str(tmp_path / "b" / "shard-*.tar")]) == a + b
+    assert count_samples(a + b) == 10
+
+
+def test_expand_urls_missing_names_pattern_and_files(tmp_path: Path) -> None:
+    write_shard_set(tmp_path, n_shards=2, per_shard=2)
+    pattern = str(tmp_path / "nothing-*.tar")
+    with pytest.raises(FileNotFoundError, match="nothing-"):
+        expand_urls(pattern)
+    with pytest.raises(FileNotFoundError, match="shard-000004.tar"):
+        expand_urls(str(tmp_path / "shard-{000000..000004}.tar"))
+    with pytest.raises(FileNotFoundError, match="holds no"):
+        expand_urls(str(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else ""))
+    with pytest.raises(FileNotFoundError, match="missing.tar"):
+        expand_urls(str(tmp_path / "missing.tar"))
+
+
+def test_count_samples_reads_unlisted_shards(tmp_path: Path) -> None:
+    write_shard_set(tmp_path, n_shards=2, per_shard=7)
+    (tmp_path / "sizes.json").write_text(json.dumps({"shards": {"shard-000000.tar": 7}, "total": 7}))
+    assert count_samples(str(tmp_path)) == 14
+    (tmp_path / "sizes.json").unlink()
+    assert count_samples(str(tmp_path)) == 14
+
+
+# --------------------------------------------------------------------------- synthetic data
+
+
+def small_synth(out: Path, seed: int = 0, n_train: int = 60, n_val: int = 20) -> dict[str, Any]:
+    return synth.generate(out, n_train=n_train, n_val=n_val, seed=seed, shard_size=25, image_size=32)
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {path.relative_to(root).as_posix(): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def test_synth_is_byte_identical_per_seed(tmp_path: Path) -> None:
+    small_synth(tmp_path / "one")
+    small_synth(tmp_path / "two")
+    small_synth(tmp_path / "other", seed=1)
+    one, two, other = tree_bytes(tmp_path / "one"), tree_bytes(tmp_path / "two"), tree_bytes(tmp_path / "other")
+    assert set(one) == {"meta.json", "train/shard-000000.tar", "train/shard-000001.tar", "train/shard-000002.tar",
+                        "train/sizes.json", "val/shard-000000.tar", "val/sizes.json"}
+    assert one == two
+    assert one["train/shard-000000.tar"] != other["train/shard-000000.tar"]
+
+
+def test_synth_samples_follow_the_layout_and_hold_out_triples(tmp_path: Path) -> None:
+    meta = synth.generate(tmp_path, n_train=600, n_val=300, seed=3, shard_size=200, image_size=48)
+    assert meta == json.loads((tmp_path / "meta.json").read_text())
+    assert meta["counts"] == {"train": 600, "val": 300} and len(meta["classes"]) == 32
+    held_out = {tuple(t) for t in meta["held_out"]}
+    assert len(held_out) == 32  # 20% of 8 colours x 4 shapes x 5 positions
+    train = [json.loads(s["json"]) for s in read_all_samples(tmp_path / "train")]
+    val_samples = read_all_samples(tmp_path / "val")
+    val = [json.loads(s["json"]) for s in val_samples]
+    assert len(train) == 600 and len(val) == 300
+    for sample in train:
+        assert all((o["colour"], o["shape"], o["position"]) not in held_out for o in sample["objects"])
+    val_main = [(s["objects"][0]["colour"], s["objects"][0]["shape"], s["objects"][0]["position"]) for s in val]
+    assert any(triple in held_out for triple in val_main)
+    assert [s["held_out"] for s in val] == [triple in held_out for triple in val_main]
+    for sample in train + val:
+        main = sample["objects"][0]
+        assert sample["task"] == "retrieval" and sample["label"] == f"{main['colour']} {main['shape']}"
+        assert main["colour"] in sample["caption"] and sample["source"].startswith("synth/retrieval/seed3/")
+        positions = [o["position"] for o in sample["objects"]]
+        assert 1 <= len(positions) <= 3 and len(set(positions)) == len(positions)
+    assert any(s["caption"].count(" ") > 8 for s in train)  # multi-object captions exist
+    assert any(s["caption"].startswith(("two ", "a picture of two", "an image of two")) for s in train + val)
+    image = Image.open(io.BytesIO(val_samples[0]["png"]))
+    assert image.size == (48, 48) and image.mode == "RGB"
+
+
+def test_synth_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    synth.main(["--out", str(tmp_path), "--train", "10", "--val", "4", "--shard-size", "5", "--image-size", "32"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["counts"] == {"train": 10, "val": 4}
+    assert count_samples(str(tmp_path / "train")) == 10
+    with pytest.raises(FileExistsError):
+        synth.main(["--out", str(tmp_path), "--train", "10", "--val", "4"])
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def test_ranks_and_workers_read_disjoint_shards_covering_the_epoch(tmp_path: Path) -> None:
+    keys = write_shard_set(tmp_path, n_shards=8, per_shard=10)
+    per_rank = []
+    for rank in (0, 1):
+        loader = make_loader(str(tmp_path), map_fn=key_and_width, batch_size=5, rank=rank, world_size=2,
+                             num_workers=2, seed=7, shuffle_buffer=16, infinite=False)
+        per_rank.append(loader_keys(loader))
+    assert len(per_rank[0]) == len(per_rank[1]) == 40
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == keys
+
+
+def test_too_few_shards_is_a_clear_error(tmp_path: Path) -> None:
+    write_shard_set(tmp_path, n_shards=3, per_shard=2)
+    with pytest.raises(ValueError, match=r"3 shard\(s\).*2 rank\(s\) x 2 worker\(s\).*resample"):
+        make_loader(str(tmp_path), map_fn=key_and_width, batch_size=2, world_size=2, num_workers=2)
+    with pytest.raises(ValueError, match="rank"):
+        make_loader(str(tmp_path), map_fn=key_and_width, batch_size=2, rank=2, world_size=2, num_workers=0)
+
+
+def test_resample_serves_two_ranks_from_one_shard(tmp_path: Path) -> None:
+    keys = write_shard_set(tmp_path, n_shards=1, per_shard=6)
+    for rank in (0, 1):
+        one_pass = make_loader(str(tmp_path), map_fn=key_and_width, batch_size=3, rank=rank, world_size=2,
+                               num_workers=2, resample=True, infinite=False)
+        assert sorted(loader_keys(one_pass)) == sorted(keys + keys)  # each of 2 workers draws the only shard
+        endless = make_loader(str(tmp_path), map_fn=key_and_width, batch_size=4, rank=rank, world_size=2,
+                              num_workers=0, resample=True, shuffle_buffer=4)
+        streamed = loader_keys(endless, max_batches=9)
+        assert len(streamed) == 36 and set(streamed) == set(keys)
+
+
+def test_infinite_stream_reshuffles_each_epoch_deterministically(tmp_path: Path) -> None:
+    keys = write_shard_set(tmp_path, n_shards=4, per_shard=5)
+    common = dict(map_fn=key_and_width, batch_size=5, num_workers=0, seed=11, shuffle_buffer=8)
+    first = batches_of_keys(make_loader(str(tmp_path), **common), 8)
+    again = batches_of_keys(make_loader(str(tmp_path), **common), 8)
+    resumed = batches_of_keys(make_loader(str(tmp_path), start_epoch=1, **common), 4)
+    epoch0 = sum(first[:4], [])
+    epoch1 = sum(first[4:], [])
+    assert sorted(epoch0) == sorted(epoch1) == keys
+    assert epoch0 != epoch1
+    assert first == again
+    assert resumed == first[4:]
+
+
+def test_eval_loader_reads_everything_in_order_with_partial_batch(tmp_path: Path) -> None:
+    keys = write_shard_set(tmp_path, n_shards=3, per_shard=8)[:-1]
+    (tmp_path / "shard-000002.tar").unlink()
+    with ShardSetWriter(tmp_path / "tail", shard_size=7) as writer:
+        for i in range(7):
+            writer.write(f"s{16 + i:04d}", {"png": tiny_image(i)}, {"caption": "c"})
+    urls = expand_urls(str(tmp_path)) + expand_urls(str(tmp_path / "tail"))
+    batches = batches_of_keys(make_eval_loader(urls, map_fn=key_and_width, batch_size=5), 100)
+    assert [len(b) for b in batches] == [5, 5, 5, 5, 3]
+    assert sum(batches, []) == keys
+    parallel = loader_keys(make_eval_loader(urls, map_fn=key_and_width, batch_size=5, num_workers=2))
+    assert sorted(parallel) == keys
+
+
+# --------------------------------------------------------------------------- bad data
+
+
+def truncate_inside_member(shard: Path, member_name: str) -> None:
+    """Cut the file in the middle of one member's data, as an interrupted copy would."""
+    with tarfile.open(shard) as tar:
+        member = tar.getmember(member_name)
+    with open(shard, "r+b") as handle:
+        handle.truncate(member.offset_data + member.size // 2)
+
+
+def write_raw_shard(path: Path, samples: list[dict[str, Any]]) -> None:
+    """Samples the ShardSetWriter would refuse (bad json, missing members), written with plain webdataset."""
+    with wds.TarWriter(str(path)) as writer:
+        for sample in samples:
+            writer.write(sample)
+
+
+def build_broken_shard_set(root: Path) -> dict[str, Any]:
+    """Shard 0: a truncated JPEG and a non-image member; shard 1: cut inside b0005.png; shard 2: raw bad samples."""
+    with ShardSetWriter(root, shard_size=10) as writer:
+        for i in range(10):
+            image = tiny_image(i, "jpg")[:60] if i == 3 else b"not an image" if i == 7 else tiny_image(i)
+            writer.write(f"a{i:04d}", {"png": image}, {"caption": "c"})
+        for i in range(10):
+            writer.write(f"b{i:04d}", {"png": tiny_image(i)}, {"caption": "c"})
+    truncate_inside_member(root / "shard-000001.tar", "b0005.png")
+    write_raw_shard(root / "shard-000002.tar", [
+        {"__key__": "c0000", "png": tiny_image(0), "json": b'{"caption": "ok"}'},
+        {"__key__": "c0001", "png": tiny_image(1), "json": b'{"caption": '},
+        {"__key__": "c0002", "png": tiny_image(2)},
+        {"__key__": "c0003", "json": b'{"caption": "no image"}'},
+        {"__key__": "c0004", "png": tiny_image(4), "json": b'["not", "an", "object"]'},
+        {"__key__": "c0005", "png": tiny_image(5), "json": b'{"caption": "ok"}'},
+        {"__key__": "c0006", "png": tiny_image(6), "json": b'{"caption": "map fails"}'},
+    ])
+    shard = [str(root / f"shard-00000{i}.tar") for i in range(3)]
+    expected_skips = {
+        (shard[0], "a0003", "bad_image"), (shard[0], "a0007", "bad_image"),
+        (shard[1], "b0005", "corrupt_tar"), (shard[1], None, "corrupt_tar"),
+        (shard[2], "c0001", "bad_json"), (shard[2], "c0002", "missing_json"), (shard[2], "c0003", "missing_image"),
+        (shard[2], "c0004", "bad_json"), (shard[2], "c0006", "map_error"),
+    }
+    good = [f"a{i:04d}" for i in range(10) if i not in (3, 7)] + [f"b{i:04d}" for i in range(5)] + ["c0000", "c0005"]
+    return {"urls": shard, "skips": expected_skips, "good": good}
+
+
+def test_bad_samples_are_skipped_and_logged_per_worker(tmp_path: Path) -> None:
+    broken = build_broken_shard_set(tmp_path / "data")
+    log_dir = tmp_path / "skipped"
+    loader = make_loader(broken["urls"], map_fn=fail_on_key("c0006"), batch_size=1, num_workers=2,
+                         error_log_dir=log_dir, infinite=False)
+    assert sorted(loader_keys(loader)) == broken["good"]
+    records = read_skip_logs(log_dir)
+    assert {(r["shard"], r["key"], r["reason"]) for r in records} == broken["skips"]
+    assert len(records) == len(broken["skips"])
+    assert all(r["error"] for r in records)
+    assert "map_fn exploded" in next(r["error"] for r in records if r["reason"] == "map_error")
+    assert {p.name for p in log_dir.iterdir()} == {"skipped-rank0-worker0.jsonl", "skipped-rank0-worker1.jsonl"}
+    assert summarize_skips(records) == {"count": 9, "by_reason": {
+        "bad_image": 2, "bad_json": 2, "corrupt_tar": 2, "map_error": 1, "missing_image": 1, "missing_json": 1}}
+
+
+def test_eval_loader_shares_bad_data_handling(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    broken = build_broken_shard_set(tmp_path / "data")
+    loader = make_eval_loader(broken["urls"], map_fn=fail_on_key("c0006"), batch_size=4,
+                              error_log_dir=tmp_path / "log", rank=3)
+    with caplog.at_level(logging.WARNING, logger="multiclip.shards"):
+        keys = loader_keys(loader)
+    assert keys == sorted(broken["good"])
+    assert {(r["shard"], r["key"], r["reason"]) for r in read_skip_logs(tmp_path / "log")} == broken["skips"]
+    assert (tmp_path / "log" / "skipped-rank3-worker0.jsonl").exists()
+    assert any("shard-000000.tar" in m and "a0003" in m and "bad_image" in m for m in caplog.messages)
+
+
+def test_stream_with_no_usable_sample_raises_instead_of_hanging(tmp_path: Path) -> None:
+    write_raw_shard(tmp_path / "shard-000000.tar", [{"__key__": "x", "json": b"{}"}])
+    loader = make_loader(str(tmp_path), map_fn=key_and_width, batch_size=1, num_workers=0)
+    with pytest.raises(RuntimeError, match="no usable sample"):
+        next(iter(loader))
+
+
+# --------------------------------------------------------------------------- converters
+
+
+def save_image(path: Path, colour: tuple[int, int, int], fmt: str) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (10, 10), colour).save(path, format=fmt)
+    return path.read_bytes()
+
+
+def corrupt_jpeg(path: Path) -> None:
+    save_image(path, (1, 2, 3), "JPEG")
+    path.write_bytes(path.read_bytes()[:80])
+
+
+def converted(out: Path) -> dict[str, dict[str, Any]]:
+    """Samples of a converted set by source: meta plus the image member name and bytes."""
+    result = {}
+    for sample in read_all_samples(out):
+        meta = json.loads(sample["json"])
+        (image_name,) = [k for k in sample if k in ("jpg", "png", "webp")]
+        result[meta["source"]] = {**meta, "member": image_name, "bytes": sample[image_name]}
+    return result
+
+
+def test_convert_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "cifar"
+    cat_png = save_image(root / "cat" / "a.png", (255, 0, 0), "PNG")
+    cat_jpeg = save_image(root / "cat" / "b.JPEG", (0, 255, 0), "JPEG")
+    dog_webp = save_image(root / "dog" / "nested" / "c.webp", (0, 0, 255), "WEBP")
+    corrupt_jpeg(root / "dog" / "broken.jpg")
+    (root / "dog" / "gone.png").symlink_to(root / "dog" / "does-not-exist.png")
+    (root / "dog" / "notes.txt").write_text("not an image")
+    (root / "README.md").write_text("ignored")
+    summary = convert.main(["folder", "--root", str(root), "--out", str(tmp_path / "out"), "--shard-size", "2",
+                            "--caption-template", "a photo of a {label}."])
+    assert summary == {"read": 5, "written": 3, "skipped": {"corrupt_image": 1, "missing_image": 1}}
+    assert json.loads(capsys.readouterr().out) == summary
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
+    samples = converted(tmp_path / "out")
+    assert set(samples) == {"cat/a.png", "cat/b.JPEG", "dog/nested/c.webp"}
+    assert (samples["cat/b.JPEG"]["member"], samples["cat/b.JPEG"]["bytes"]) == ("jpg", cat_jpeg)
+    assert (samples["cat/a.png"]["member"], samples["cat/a.png"]["bytes"]) == ("png", cat_png)
+    assert (samples["dog/nested/c.webp"]["member"], samples["dog/nested/c.webp"]["bytes"]) == ("webp", dog_webp)
+    assert samples["dog/nested/c.webp"]["label"] == "dog"
+    assert samples["cat/a.png"]["caption"] == "a photo of a cat." and samples["cat/a.png"]["task"] == "retrieval"
+    assert count_samples(str(tmp_path / "out")) == 3
+
+
+def caption_images(images: Path) -> None:
+    save_image(images / "one.jpg", (10, 10, 10), "JPEG")
+    save_image(images / "sub" / "two.png", (20, 20, 20), "PNG")
+    save_image(images / "three.png", (30, 30, 30), "PNG")
+    corrupt_jpeg(images / "bad.jpg")
+
+
+def test_convert_captions_csv(tmp_path: Path) -> None:
+    caption_images(tmp_path)
+    (tmp_path / "data.csv").write_text(
+        "image,caption,label\n"
+        "one.jpg,a dark square,square\n"
+        "sub/two.png,another square,\n"
+        "bad.jpg,corrupt,x\n"
+        "missing.jpg,nowhere,x\n"
+        "three.png,,x\n"
+        "one.jpg,too,many,fields\n"
+        ",no image,x\n"
+    )
+    summary = convert.convert_captions(tmp_path / "data.csv", tmp_path / "out")
+    assert summary == {"read": 7, "written": 2,
+                       "skipped": {"bad_row": 2, "corrupt_image": 1, "missing_caption": 1, "missing_image": 1}}
+    samples = converted(tmp_path / "out")
+    assert set(samples) == {"one.jpg", "sub/two.png"}
+    assert samples["one.jpg"]["label"] == "square" and samples["one.jpg"]["row"] == 2
+    assert samples["sub/two.png"]["label"] == "another square"  # no label: the caption
+
+
+def test_convert_captions_jsonl_with_images_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    caption_images(tmp_path / "images")
+    rows = [
+        json.dumps({"img": "one.jpg", "text": "first", "cls": "a"}),
+        json.dumps({"img": "sub/two.png", "text": "second"}),
+        json.dumps({"img": "bad.jpg", "text": "corrupt"}),
+        json.dumps({"img": "missing.png", "text": "gone"}),
+        json.dumps({"img": "three.png", "text": "   "}),
+        "{not json",
+        "",
+        json.dumps(["a", "list"]),
+    ]
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "data.jsonl").write_text("\n".join(rows) + "\n")
+    summary = convert.main(["captions", "--file", str(tmp_path / "meta" / "data.jsonl"), "--out",
+                            str(tmp_path / "out"), "--images-root", str(tmp_path / "images"),
+                            "--image-column", "img", "--caption-column", "text", "--label-column", "cls"])
+    assert summary == {"read": 7, "written": 2,
+                       "skipped": {"bad_row": 2, "corrupt_image": 1, "missing_caption": 1, "missing_image": 1}}
+    assert json.loads(capsys.readouterr().out) == summary
+    samples = converted(tmp_path / "out")
+    assert {source: (s["caption"], s["label"]) for source, s in samples.items()} == {
+        "one.jpg": ("first", "a"), "sub/two.png": ("second", "second")}
+
+
+def test_converted_shards_load(tmp_path: Path) -> None:
+    caption_images(tmp_path)
+    (tmp_path / "data.csv").write_text("image,caption\none.jpg,a\nsub/two.png,b\nthree.png,c\n")
+    convert.convert_captions(tmp_path / "data.csv", tmp_path / "out", shard_size=1)
+
+    def caption_of(sample: dict[str, Any]) -> dict[str, Any]:
+        image = sample.get("jpg") or sample.get("png")
+        return {"caption": sample["json"]["caption"], "pixels": torch.tensor(image.getpixel((0, 0)))}
+
+    batches = list(make_eval_loader(str(tmp_path / "out"), map_fn=caption_of, batch_size=2))
+    assert [c for b in batches for c in b["caption"]] == ["a", "b", "c"]
+    assert batches[0]["pixels"].shape == (2, 3)

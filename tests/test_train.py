@@ -1,0 +1,128 @@
+"""End to end: the real deepspeed launcher and engine on CPU, from synthetic shards to final weights."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT, tiny_config
+
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+def _write_config(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def _train(config: Path, *extra: str, ranks: int = 1) -> subprocess.CompletedProcess:
+    if ranks == 1:
+        cmd = [sys.executable, "launch/train.py", "--config", str(config), *extra]
+    else:
+        cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+               "launch/train.py", "--config", str(config), *extra]
+    return _run(cmd)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _records(run: Path, kind: str) -> list[dict]:
+    lines = (run / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_two_ranks_identical_weights_disjoint_samples(retrieval_shards, tmp_path):
+    run = tmp_path / "run"
+    raw = tiny_config(retrieval_shards, run, run={"audit": True}, optim={"max_steps": 6, "micro_batch_size": 16})
+    proc = _train(_write_config(tmp_path, raw), ranks=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    digests = {json.loads(p.read_text())["sha256"] for p in (run / "audit").glob("weights-rank*.json")}
+    assert len(list((run / "audit").glob("weights-rank*.json"))) == 2
+    assert len(digests) == 1, "ranks disagree on the weights after optimizer steps"
+    keys = {}
+    for rank in (0, 1):
+        lines = (run / "audit" / f"keys-rank{rank}.jsonl").read_text().splitlines()
+        keys[rank] = [k for line in lines for k in json.loads(line)["keys"]]
+        assert len(keys[rank]) == 6 * 16 and len(set(keys[rank])) == len(keys[rank])
+    assert not set(keys[0]) & set(keys[1]), "the two ranks read the same samples"
+    # the weights really changed and the final folder is complete
+    final = load_file(str(run / "final" / "model.safetensors"))
+    assert "heads.retrieval.logit_scale" in final
+    assert (run / "final" / "config.json").is_file() and (run / "curves.png").is_file()
+    assert (run / "tensorboard").is_dir() and _records(run, "train")
+
+
+def test_final_backbone_loads_in_open_clip(retrieval_shards, tmp_path):
+    run = tmp_path / "run"
+    raw = tiny_config(retrieval_shards, run, optim={"max_steps": 2})
+    proc = _train(_write_config(tmp_path, raw))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    open_clip.add_model_config(ROOT / "configs" / "models")
+    model = open_clip.create_model("tiny-vit", pretrained=str(run / "final" / "open_clip.safetensors"))
+    full = load_file(str(run / "final" / "model.safetensors"))
+    assert torch.equal(model.visual.conv1.weight, full["backbone.visual.conv1.weight"])
+    # launch/evaluate.py scores the same weights to the same numbers as the end of training
+    out = tmp_path / "eval.json"
+    proc = _run([sys.executable, "launch/evaluate.py", "--config", str(tmp_path / "config.yaml"),
+                 "--checkpoint", str(run), "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = json.loads((run / "metrics.json").read_text())["after"]
+    evaluated = json.loads(out.read_text())
+    assert evaluated["retrieval/t2i_R@1"] == pytest.approx(after["retrieval/t2i_R@1"], abs=1e-6)
+
+
+def test_resume_continues_at_the_same_step(retrieval_shards, tmp_path):
+    run = tmp_path / "run"
+    raw = tiny_config(retrieval_shards, run, optim={"max_steps": 4},
+                      schedule={"checkpoint_every": 2, "log_every": 1})
+    config = _write_config(tmp_path, raw)
+    assert _train(config).returncode == 0
+    proc = _train(config, "--resume", "optim.max_steps=6")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [r["step"] for r in _records(run, "train")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    lrs = [r["lr_heads/decay"] for r in _records(run, "train") if "lr_heads/decay" in r]
+    assert lrs, "learning rates are logged"
+    assert "resumed from" in proc.stdout + proc.stderr
+
+
+def test_resume_with_another_model_is_refused(retrieval_shards, tmp_path):
+    run = tmp_path / "run"
+    raw = tiny_config(retrieval_shards, run, optim={"max_steps": 2}, schedule={"checkpoint_every": 2})
+    assert _train(_write_config(tmp_path, raw)).returncode == 0
+    other = ROOT / "configs" / "models"
+    raw["model"] = {"name": "tiny-vit-wide", "model_config_dir": str(other)}
+    proc = _train(_write_config(tmp_path, raw), "--resume")
+    assert proc.returncode != 0
+    assert "was trained with model" in proc.stderr
+
+
+def test_bad_input_stops_before_work(retrieval_shards, tmp_path):
+    raw = tiny_config(retrieval_shards, tmp_path / "run", data={"train": str(tmp_path / "none-{000..003}.tar")})
+    proc = _train(_write_config(tmp_path, raw))
+    assert proc.returncode == 2 and "none-{000..003}.tar" in proc.stderr
+    raw = tiny_config(retrieval_shards, tmp_path / "run", optim={"max_step": 3})
+    proc = _train(_write_config(tmp_path, raw))
+    assert proc.returncode == 2 and "optim.max_step" in proc.stderr
+    assert not (tmp_path / "run").exists(), "nothing may be written for a bad config"
