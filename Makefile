@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m shards.synth --out data/synth/retrieval --task retrieval --train 6000 --val 500 --seed 0
+	$(PY) -m shards.synth --out data/synth/retrieval --task retrieval --train 6000 --val 500 --seed 0 --overwrite
 	$(VENV)/bin/deepspeed --num_gpus $(RANKS) launch/train.py --config $(DEMO_CONFIG)
 	$(PY) launch/evaluate.py --config $(DEMO_CONFIG) --checkpoint runs/retrieval_tiny --out runs/retrieval_tiny/eval.json
 	$(PY) launch/report.py runs/retrieval_tiny

@@ -222,6 +222,11 @@ def read_shard(url: str, skip_log: SkipLog, expected: int | None = None) -> Iter
         skip_log.record(url, None, "corrupt_tar", f"read {seen} of the {expected} samples listed in {SIZES_FILE}")
 
 
+def shard_source(urls: list[str]) -> Iterator[dict[str, str]]:
+    """The first pipeline stage: shard records in the order this worker reads them."""
+    return iter([{"url": url} for url in urls])
+
+
 def read_shards(shards: Iterable[dict[str, str]], skip_log: SkipLog) -> Iterator[dict[str, Any]]:
     """Raw samples of each shard in turn, checked against sizes.json where the shard is listed."""
     sizes = ShardSizes()
@@ -391,7 +396,7 @@ class ShardStream(IterableDataset):
             seed = stable_seed("samples", spec.seed, epoch, spec.rank, worker)
             shuffle = wds.shuffle(spec.shuffle_buffer, initial=spec.shuffle_buffer, seed=seed)
         pipeline = wds.DataPipeline(
-            [{"url": url} for url in self.worker_shards(epoch, worker, num_workers)],
+            partial(shard_source, self.worker_shards(epoch, worker, num_workers)),
             partial(read_shards, skip_log=skip_log),
             shuffle,
             partial(decode_samples, skip_log=skip_log),

@@ -16,6 +16,7 @@ from PIL import Image
 from shards import convert, synth
 from shards.reader import (
     count_samples,
+    epoch_shard_order,
     expand_urls,
     make_eval_loader,
     make_loader,
@@ -31,9 +32,9 @@ def tiny_image(index: int, fmt: str = "png") -> bytes:
     return encode_image(Image.new("RGB", (8, 8), (index % 256, 40, 90)), fmt)
 
 
-def write_shard_set(out: Path, n_shards: int, per_shard: int, prefix: str = "s") -> list[str]:
-    """n_shards full shards of tiny PNG samples; returns every key written."""
-    keys = [f"{prefix}{i:04d}" for i in range(n_shards * per_shard)]
+def write_shard_set(out: Path, n_shards: int, per_shard: int, prefix: str = "s", n_samples: int | None = None) -> list[str]:
+    """Shards of tiny PNG samples (n_shards full ones unless n_samples says otherwise); returns the keys."""
+    keys = [f"{prefix}{i:04d}" for i in range(n_samples if n_samples is not None else n_shards * per_shard)]
     with ShardSetWriter(out, shard_size=per_shard) as writer:
         for i, key in enumerate(keys):
             writer.write(key, {"png": tiny_image(i)}, {"task": "retrieval", "caption": f"c{i}", "label": "x",
@@ -149,8 +150,9 @@ def test_expand_urls_missing_names_pattern_and_files(tmp_path: Path) -> None:
         expand_urls(pattern)
     with pytest.raises(FileNotFoundError, match="shard-000004.tar"):
         expand_urls(str(tmp_path / "shard-{000000..000004}.tar"))
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no"):
-        expand_urls(str(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else ""))
+        expand_urls(str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="missing.tar"):
         expand_urls(str(tmp_path / "missing.tar"))
 
@@ -270,13 +272,20 @@ def test_infinite_stream_reshuffles_each_epoch_deterministically(tmp_path: Path)
     assert resumed == first[4:]
 
 
+def test_every_epoch_of_an_endless_stream_is_split_disjointly_across_ranks(tmp_path: Path) -> None:
+    keys = write_shard_set(tmp_path, n_shards=4, per_shard=5)
+    common = dict(map_fn=key_and_width, batch_size=5, world_size=2, num_workers=0, seed=5, shuffle_buffer=4)
+    rank0 = batches_of_keys(make_loader(str(tmp_path), rank=0, **common), 6)
+    rank1 = batches_of_keys(make_loader(str(tmp_path), rank=1, **common), 6)
+    for epoch in range(3):
+        ours, theirs = sum(rank0[2 * epoch: 2 * epoch + 2], []), sum(rank1[2 * epoch: 2 * epoch + 2], [])
+        assert sorted(ours + theirs) == keys
+    assert epoch_shard_order(expand_urls(str(tmp_path)), 5, 0) != epoch_shard_order(expand_urls(str(tmp_path)), 5, 1)
+
+
 def test_eval_loader_reads_everything_in_order_with_partial_batch(tmp_path: Path) -> None:
-    keys = write_shard_set(tmp_path, n_shards=3, per_shard=8)[:-1]
-    (tmp_path / "shard-000002.tar").unlink()
-    with ShardSetWriter(tmp_path / "tail", shard_size=7) as writer:
-        for i in range(7):
-            writer.write(f"s{16 + i:04d}", {"png": tiny_image(i)}, {"caption": "c"})
-    urls = expand_urls(str(tmp_path)) + expand_urls(str(tmp_path / "tail"))
+    keys = write_shard_set(tmp_path, n_shards=3, per_shard=8, n_samples=23)
+    urls = expand_urls(str(tmp_path))
     batches = batches_of_keys(make_eval_loader(urls, map_fn=key_and_width, batch_size=5), 100)
     assert [len(b) for b in batches] == [5, 5, 5, 5, 3]
     assert sum(batches, []) == keys

@@ -102,7 +102,7 @@ def test_resume_continues_at_the_same_step(retrieval_shards, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [r["step"] for r in _records(run, "train")]
     assert steps == [1, 2, 3, 4, 5, 6]
-    lrs = [r["lr_heads/decay"] for r in _records(run, "train") if "lr_heads/decay" in r]
+    lrs = [r["lr_heads/no_decay"] for r in _records(run, "train") if "lr_heads/no_decay" in r]
     assert lrs, "learning rates are logged"
     assert "resumed from" in proc.stdout + proc.stderr
 
