@@ -126,3 +126,65 @@ def test_bad_input_stops_before_work(retrieval_shards, tmp_path):
     proc = _train(_write_config(tmp_path, raw))
     assert proc.returncode == 2 and "optim.max_step" in proc.stderr
     assert not (tmp_path / "run").exists(), "nothing may be written for a bad config"
+
+
+def test_training_learns_well_above_chance(retrieval_shards, tmp_path):
+    """Held-out text->image R@1 beats chance by a wide margin after a short CPU run."""
+    run = tmp_path / "run"
+    raw = tiny_config(retrieval_shards, run, optim={"max_steps": 120, "micro_batch_size": 32, "warmup_steps": 10},
+                      schedule={"log_every": 20}, eval={"max_samples": None, "batch_size": 200})
+    proc = _train(_write_config(tmp_path, raw))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = json.loads((run / "metrics.json").read_text())["after"]
+    assert after["retrieval/t2i_R@1"] >= 5 * after["retrieval/t2i_R@1_chance"]
+    assert after["retrieval/i2t_R@1"] >= 5 * after["retrieval/t2i_R@1_chance"]
+    assert after["retrieval/zeroshot_top1"] >= 2 * after["retrieval/zeroshot_top1_chance"]
+
+
+def test_corrupt_samples_are_skipped_and_reported(retrieval_shards, tmp_path):
+    """A truncated tar, a corrupt JPEG and a bad json: the run finishes and names each one."""
+    from shards.writer import ShardSetWriter, encode_image
+    from PIL import Image
+
+    train = tmp_path / "train"
+    with ShardSetWriter(train, shard_size=24) as writer:
+        for i in range(48):
+            image = encode_image(Image.new("RGB", (64, 64), (40 * (i % 6), 80, 120)), "jpg")
+            meta = {"task": "retrieval", "caption": f"sample {i % 6}", "label": f"c{i % 6}", "source": f"s{i}"}
+            if i == 5:
+                image = image[: len(image) // 3]  # corrupt JPEG
+            writer.write(f"s{i:04d}", {"jpg": image}, meta)
+    bad_json = train / "shard-000002.tar"
+    with ShardSetWriter(tmp_path / "extra", shard_size=24) as writer:
+        writer.write("badjson", {"jpg": encode_image(Image.new("RGB", (64, 64)), "jpg")}, {"x": 1})
+    (tmp_path / "extra" / "shard-000000.tar").rename(bad_json)
+    _rewrite_json_member(bad_json, "badjson.json", b"{not json")
+    whole = (train / "shard-000001.tar").read_bytes()
+    (train / "shard-000001.tar").write_bytes(whole[: len(whole) * 2 // 3])  # truncated tar
+    run = tmp_path / "run"
+    raw = tiny_config(retrieval_shards, run, data={"train": str(train), "num_workers": 1, "shuffle_buffer": 0},
+                      optim={"max_steps": 8, "micro_batch_size": 8})
+    proc = _train(_write_config(tmp_path, raw))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    skipped = json.loads((run / "metrics.json").read_text())["skipped_samples"]
+    assert {"bad_image", "bad_json", "corrupt_tar"} <= set(skipped["by_reason"])
+    records = [json.loads(line) for p in (run / "skipped").glob("*.jsonl") for line in p.read_text().splitlines()]
+    named = {(Path(r["shard"]).name, r["key"], r["reason"]) for r in records}
+    assert ("shard-000000.tar", "s0005", "bad_image") in named
+    assert ("shard-000002.tar", "badjson", "bad_json") in named
+    assert any(shard == "shard-000001.tar" and reason == "corrupt_tar" for shard, _, reason in named)
+    assert "s0005" in proc.stdout + proc.stderr  # logged as it happens, too
+
+
+def _rewrite_json_member(shard: Path, member: str, payload: bytes) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for info, content in members:
+            if info.name == member:
+                content = payload
+                info.size = len(payload)
+            tar.addfile(info, io.BytesIO(content))
