@@ -24,9 +24,10 @@ def evaluate_model(model: MultiTaskModel, backbone, cfg: Config, shards=None) ->
     param = next(model.parameters())
     out = {}
     for name, task in model.heads.items():
-        batches = eval_loader(shards or cfg.data.val, task, backbone, cfg.eval.batch_size)
-        if cfg.eval.max_samples:
-            batches = itertools.islice(batches, -(-cfg.eval.max_samples // cfg.eval.batch_size))
+        batch_size = min(cfg.eval.batch_size, cfg.eval.max_samples or cfg.eval.batch_size)
+        batches = eval_loader(shards or cfg.data.val, task, backbone, batch_size)
+        if cfg.eval.max_samples:  # whole batches: the cap is rounded up to a multiple of batch_size
+            batches = itertools.islice(batches, -(-cfg.eval.max_samples // batch_size))
         batches = (to_device(b, param.device, param.dtype) for b in batches)
         out.update({f"{name}/{k}": v for k, v in task.evaluate(model.backbone, batches).items()})
     model.train(was_training)

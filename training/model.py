@@ -101,7 +101,7 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         task = batch["task"]
-        losses, report = self.heads[task].training_forward(self.backbone, batch)
+        losses, report = self.heads[task](self.backbone, batch)
         total = sum(v for k, v in losses.items() if k.endswith("_loss")) * self.loss_weights[task]
         report = {**{f"{task}/{k}": float(v.detach()) for k, v in losses.items()},
                   **{f"{task}/{k}": v for k, v in report.items()}}
@@ -161,3 +161,23 @@ def promote_scalar_parameters(model: nn.Module) -> list[str]:
 
 def restore_scalar_shapes(state: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
     return {k: v.reshape(()) if k in names else v for k, v in state.items()}
+
+
+def register_zero3_external_parameters(model: nn.Module) -> int:
+    """Let ZeRO-3 gather ``nn.MultiheadAttention.out_proj`` when the attention module runs.
+
+    ``F.multi_head_attention_forward`` reads ``out_proj.weight`` without calling ``out_proj``, so
+    ZeRO-3's per-module hooks never fetch it (a 1-D placeholder reaches ``addmm``). Registering the
+    parameters as external to the attention module makes its own hook fetch them.
+    """
+    import deepspeed
+
+    register_external_parameter = deepspeed.zero.register_external_parameter
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            for param in module.out_proj.parameters():
+                register_external_parameter(module, param)
+                count += 1
+    return count

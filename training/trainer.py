@@ -26,7 +26,8 @@ from training.data import steps_per_epoch, to_device, train_loader
 from training.evaluation import evaluate_model
 from training.distributed import DistInfo, barrier, init_distributed
 from training.logging_utils import RunLogger, plot_curves, setup_console_logging
-from training.model import build_model, param_groups, promote_scalar_parameters, restore_scalar_shapes
+from training.model import (build_model, param_groups, promote_scalar_parameters, register_zero3_external_parameters,
+                            restore_scalar_shapes)
 from training.schedule import lr_multiplier
 
 log = logging.getLogger("multiclip.train")
@@ -79,6 +80,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         s, cfg.optim.warmup_steps, cfg.optim.max_steps, cfg.optim.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, use_bf16))
+    if cfg.deepspeed.zero_stage == 3:
+        register_zero3_external_parameters(engine.module)
     dtype = torch.bfloat16 if use_bf16 else torch.float32
 
     step = 0
@@ -111,6 +114,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     progress = _progress_bar(dist_info.is_main, cfg.optim.max_steps, step)
     tick, window_samples, reports = time.time(), 0, []
     while step < cfg.optim.max_steps:
+        lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
         for _ in range(cfg.optim.grad_accum):
             name = rng.choice(task_names)
             batch = to_device(next(streams[name]), dist_info.device, dtype)
@@ -124,7 +128,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         step += 1
         progress.update(1)
         if step % cfg.schedule.log_every == 0 or step == cfg.optim.max_steps:
-            record = _train_record(step, epoch_steps, reports, window_samples, time.time() - tick, engine)
+            record = _train_record(step, epoch_steps, reports, window_samples, time.time() - tick, lrs)
             logger.log(record)
             progress.set_postfix(loss=f"{record['loss']:.3f}")
             tick, window_samples, reports = time.time(), 0, []
@@ -177,10 +181,10 @@ def _audit_weights(run_dir: Path, rank: int, module, zero_stage: int) -> None:
         json.dumps({"rank": rank, "zero_stage": zero_stage, "sha256": digest.hexdigest()}))
 
 
-def _train_record(step, epoch_steps, reports, samples, seconds, engine) -> dict[str, Any]:
+def _train_record(step, epoch_steps, reports, samples, seconds, lrs) -> dict[str, Any]:
+    """Mean losses over the logging window; ``lrs`` are the rates the last step used."""
     keys = {k for r in reports for k in r}
     means = {k: float(np.mean([r[k] for r in reports if k in r])) for k in keys}
-    lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
     return {"kind": "train", "step": step, "epoch": step / epoch_steps, **means, **lrs,
             "samples_per_s": samples / max(seconds, 1e-9)}
 

@@ -30,6 +30,10 @@ class Task(nn.Module):
         super().__init__()
         self.options = options
 
+    def forward(self, backbone: nn.Module, batch: dict[str, Any]):
+        """Calling the task module (not ``training_forward`` directly) lets ZeRO-3 gather its parameters."""
+        return self.training_forward(backbone, batch)
+
     def map_sample(self, sample: dict[str, Any], backbone: Backbone, train: bool) -> dict[str, Any]:
         """Turn one decoded WebDataset sample into tensors (runs in data-loader workers)."""
         raise NotImplementedError

@@ -86,9 +86,9 @@ class RetrievalTask(Task):
         }
 
     def _encode(self, backbone: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        image = F.normalize(backbone.encode_image(batch["image"]), dim=-1)
-        text = F.normalize(backbone.encode_text(batch["text"]), dim=-1)
-        return image, text
+        # through the backbone's forward (not encode_*), so ZeRO-3 gathers its top-level parameters
+        out = backbone(image=batch["image"], text=batch["text"])
+        return F.normalize(out["image_features"], dim=-1), F.normalize(out["text_features"], dim=-1)
 
     def training_forward(self, backbone, batch):
         image, text = self._encode(backbone, batch)
@@ -120,7 +120,7 @@ class RetrievalTask(Task):
         out = []
         for name in classnames:
             tokens = self.tokenizer([t.format(name) for t in self.options.templates]).to(device)
-            emb = F.normalize(backbone.encode_text(tokens).float(), dim=-1).mean(0)
+            emb = F.normalize(backbone(text=tokens)["text_features"].float(), dim=-1).mean(0)
             out.append(F.normalize(emb, dim=-1))
         return torch.stack(out).cpu()
 
