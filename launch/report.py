@@ -23,6 +23,16 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_wise_ft(wise: dict) -> str:
+    """One line per (alpha, eval set): the headline metric of each task."""
+    lines = ["WiSE-FT (backbone = (1-alpha)*initial + alpha*fine-tuned):"]
+    for alpha, per_set in wise.items():
+        for name, metrics in per_set.items():
+            shown = {k: v for k, v in metrics.items() if k.endswith(("t2i_R@1", "zeroshot_top1"))}
+            lines.append(f"  alpha={alpha:<4} {name:<8} " + "  ".join(f"{k}={v:.3f}" for k, v in shown.items()))
+    return "\n".join(lines)
+
+
 def _fmt(value) -> str:
     return "" if value is None else f"{value:.3f}"
 
@@ -34,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     result = json.loads((Path(args.run_dir) / "metrics.json").read_text())
     print(f"held-out metrics of {args.run_dir} (step {result['step']}):")
     print(format_table(result))
+    if result.get("wise_ft"):
+        print(format_wise_ft(result["wise_ft"]))
     skipped = result.get("skipped_samples", {})
     print(f"skipped samples: {skipped.get('count', 0)} {skipped.get('by_reason', {})}")
     return 0

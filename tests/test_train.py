@@ -188,3 +188,31 @@ def _rewrite_json_member(shard: Path, member: str, payload: bytes) -> None:
                 content = payload
                 info.size = len(payload)
             tar.addfile(info, io.BytesIO(content))
+
+
+def test_frozen_blocks_grad_checkpointing_and_wise_ft(retrieval_shards, tmp_path):
+    from training.config import config_from_dict
+    from training.model import build_model
+    from training.trainer import seed_everything
+
+    run = tmp_path / "run"
+    raw = tiny_config(retrieval_shards, run, optim={"max_steps": 3, "freeze_vision_blocks": 1,
+                                                     "freeze_text_blocks": 1, "grad_checkpointing": True},
+                      eval={"max_samples": 100, "batch_size": 100, "wise_ft_alphas": [0.5],
+                            "general": str(retrieval_shards / "val")})
+    proc = _train(_write_config(tmp_path, raw))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seed_everything(0)
+    initial = build_model(config_from_dict(raw))[0].state_dict()
+    final = load_file(str(run / "final" / "model.safetensors"))
+    for frozen in ("backbone.visual.conv1.weight", "backbone.visual.transformer.resblocks.0.mlp.c_fc.weight",
+                   "backbone.token_embedding.weight", "backbone.transformer.resblocks.0.attn.in_proj_weight"):
+        assert torch.equal(final[frozen], initial[frozen]), frozen
+    for trained in ("backbone.visual.transformer.resblocks.1.mlp.c_fc.weight",
+                    "backbone.transformer.resblocks.1.attn.in_proj_weight"):
+        assert not torch.equal(final[trained], initial[trained]), trained
+    result = json.loads((run / "metrics.json").read_text())
+    wise = result["wise_ft"]
+    assert set(wise) == {"0", "0.5", "1"} and set(wise["0.5"]) == {"val", "general"}
+    assert wise["1"]["val"]["retrieval/t2i_R@1"] == pytest.approx(result["after"]["retrieval/t2i_R@1"])
+    assert wise["0"]["val"]["retrieval/t2i_R@1"] == pytest.approx(result["before"]["retrieval/t2i_R@1"])

@@ -62,6 +62,9 @@ class OptimConfig(_Section):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     grad_clip: float = Field(1.0, ge=0)  # global norm clipping; 0 disables
     freeze_backbone: bool = False  # train only the heads
+    freeze_vision_blocks: int = Field(0, ge=0)  # lock patch/pos embeddings + the first N vision blocks
+    freeze_text_blocks: int = Field(0, ge=0)  # lock token/pos embeddings + the first N text blocks
+    grad_checkpointing: bool = False  # recompute block activations in backward (less memory, ~30% slower)
 
 
 class DeepSpeedConfig(_Section):
@@ -79,7 +82,16 @@ class ScheduleConfig(_Section):
 
 class EvalConfig(_Section):
     batch_size: int = Field(128, ge=1)
-    max_samples: int | None = None  # cap on held-out samples (None: all)
+    max_samples: int | None = None  # cap on held-out samples (None: all; rounded up to whole batches)
+    general: str | list[str] | None = None  # shards measuring general (zero-shot) ability before/after
+    wise_ft_alphas: list[float] = Field(default_factory=list)  # WiSE-FT: (1-a)*initial + a*fine-tuned backbone
+
+    @model_validator(mode="after")
+    def _check_alphas(self) -> EvalConfig:
+        bad = [a for a in self.wise_ft_alphas if not 0.0 <= a <= 1.0]
+        if bad:
+            raise ValueError(f"wise_ft_alphas must lie in [0, 1], got {bad}")
+        return self
 
 
 class Config(_Section):

@@ -26,7 +26,8 @@ from training.data import steps_per_epoch, to_device, train_loader
 from training.evaluation import evaluate_model
 from training.distributed import DistInfo, barrier, init_distributed
 from training.logging_utils import RunLogger, plot_curves, setup_console_logging
-from training.model import (build_model, param_groups, promote_scalar_parameters, register_zero3_external_parameters,
+from training import wise_ft
+from training.model import (build_model, freeze_first_blocks, param_groups, promote_scalar_parameters, register_zero3_external_parameters,
                             restore_scalar_shapes)
 from training.schedule import lr_multiplier
 
@@ -71,6 +72,10 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     # model, optimizer, schedule, engine
     model, backbone = build_model(cfg)
+    freeze_first_blocks(model.backbone, cfg.optim.freeze_vision_blocks, cfg.optim.freeze_text_blocks)
+    if cfg.optim.grad_checkpointing:
+        model.backbone.set_grad_checkpointing(True)
+    initial_backbone = wise_ft.snapshot(model.backbone) if cfg.eval.wise_ft_alphas or cfg.eval.general else None
     scalar_names = promote_scalar_parameters(model)
     use_bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and torch.cuda.is_available())
     groups = param_groups(model, cfg.optim.lr_backbone, cfg.optim.lr_head, cfg.optim.weight_decay,
@@ -149,6 +154,9 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         state = restore_scalar_shapes(ckpt.consolidated_state_dict(ckpt_dir, tag, cfg.deepspeed.zero_stage),
                                       scalar_names)
         ckpt.write_final(state, run_dir / "final", cfg.to_dict())
+        if initial_backbone is not None:
+            result["wise_ft"] = wise_ft.evaluate_interpolations(cfg, initial_backbone, state)
+            logger.log({"kind": "wise_ft", "step": step, **wise_ft.flatten(result["wise_ft"])})
         (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
         plot_curves(logger.path, run_dir / "curves.png")
         log.info("after training: %s", json.dumps(final))
