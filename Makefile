@@ -10,7 +10,7 @@ DEMO_CONFIG ?= configs/retrieval_tiny.yaml
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench-venv bench-train clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# open_clip's own trainer needs webdataset<=0.2.86, so the comparison runs it from its own venv
+bench-venv: .cache/bench/openclip-venv/.installed
+.cache/bench/openclip-venv/.installed:
+	$(PYTHON) -m venv .cache/bench/openclip-venv
+	.cache/bench/openclip-venv/bin/pip install --quiet torch==2.13.0
+	.cache/bench/openclip-venv/bin/pip install --quiet -c constraints.txt "open_clip_torch[training]==3.3.0" "webdataset<=0.2.86"
+	touch $@
+
+bench-train: $(STAMP) bench-venv
+	$(PY) benchmarks/train_throughput.py --steps 150 --rounds 2
 
 clean:
 	rm -rf data runs .cache

@@ -88,7 +88,11 @@ class ShardSetWriter:
         self._closed = False
 
     def write(self, key: str, images: dict[str, bytes], meta: dict[str, Any]) -> None:
-        """Add one sample: encoded images by member name plus its metadata as the ``json`` member."""
+        """Add one sample: encoded images by member name plus its metadata as the ``json`` member.
+
+        A ``caption`` in ``meta`` is also written as a ``txt`` member, the layout open_clip's own
+        trainer and clip-retrieval read, so the same shards work with those tools.
+        """
         validate_key(key)
         validate_images(images)
         if key in self._keys:
@@ -96,6 +100,8 @@ class ShardSetWriter:
         self._keys.add(key)
         record: dict[str, Any] = {"__key__": key, "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
         record.update({name: bytes(data) for name, data in images.items()})
+        if isinstance(meta.get("caption"), str):
+            record["txt"] = meta["caption"].encode("utf-8")
         self._writer.write(record)
         shard = Path(self._writer.fname).name
         self.sizes[shard] = self.sizes.get(shard, 0) + 1

@@ -85,6 +85,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         s, cfg.optim.warmup_steps, cfg.optim.max_steps, cfg.optim.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, use_bf16))
+    if dist_info.world_size == 1:  # no peers: skip the bucketed all-reduce of every gradient
+        engine.enable_backward_allreduce = False
     if cfg.deepspeed.zero_stage == 3:
         register_zero3_external_parameters(engine.module)
     dtype = torch.bfloat16 if use_bf16 else torch.float32
