@@ -45,6 +45,7 @@ class SourceRecord:
     caption: str
     label: str
     extra: dict[str, Any] = field(default_factory=dict)
+    task: str = "retrieval"
 
 
 @dataclass
@@ -95,7 +96,7 @@ def load_record(record: SourceRecord | SkipRecord) -> tuple[str, bytes]:
 
 
 def sample_meta(record: SourceRecord) -> dict[str, Any]:
-    return {"task": "retrieval", "caption": record.caption, "label": record.label, "source": record.source,
+    return {"task": record.task, "caption": record.caption, "label": record.label, "source": record.source,
             **record.extra}
 
 
