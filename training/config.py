@@ -33,6 +33,7 @@ class ModelConfig(_Section):
     name: str  # open_clip model name, e.g. ViT-B-32, or a JSON stem in configs/models
     pretrained: str | None = None  # open_clip tag (e.g. laion2b_s34b_b79k) or a local checkpoint path
     model_config_dir: str = "configs/models"  # JSON model configs registered with open_clip
+    init_weights: str | None = None  # final/model.safetensors of an earlier run (backbone + heads) to start from
 
 
 class DataConfig(_Section):
@@ -167,6 +168,11 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
         check_model_config(cfg.model)
     except ConfigError as err:
         problems.append(f"  - {err}")
+    if cfg.model.init_weights and not Path(cfg.model.init_weights).exists():
+        problems.append(f"  - model.init_weights: not found: {cfg.model.init_weights}")
+    if cfg.deepspeed.zero_stage == 3 and any(t.name == "geo_time" for t in cfg.tasks):
+        problems.append("  - deepspeed.zero_stage: geo_time reads the ViT's [CLS] and projection weights outside "
+                        "their module's forward, which ZeRO-3 does not gather; use stage 0-2")
     if cfg.deepspeed.config_file and not Path(cfg.deepspeed.config_file).is_file():
         problems.append(f"  - deepspeed.config_file: no such file {cfg.deepspeed.config_file!r}")
     if problems:

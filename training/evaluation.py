@@ -34,15 +34,23 @@ def evaluate_model(model: MultiTaskModel, backbone, cfg: Config, shards=None) ->
     return out
 
 
-def load_weights(model: MultiTaskModel, path: str | Path) -> None:
-    """Load ``final/model.safetensors`` (or a run folder holding it) into ``model``, strictly."""
+def load_weights(model: MultiTaskModel, path: str | Path, allow_missing_heads: bool = False) -> None:
+    """Load ``final/model.safetensors`` (or a run folder holding it) into ``model``, strictly.
+
+    With ``allow_missing_heads``, heads absent from the file keep their initialisation (a run that adds
+    a head to an earlier run's weights); the backbone must still match exactly.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "final" / "model.safetensors" if (path / "final").is_dir() else path / "model.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"no weights at {path}")
     state = load_file(str(path))
+    own = model.state_dict()
+    state = {k: v.reshape(own[k].shape) if k in own and v.numel() == own[k].numel() else v for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if allow_missing_heads:
+        missing = [k for k in missing if not k.startswith("heads.")]
     if missing or unexpected:
         raise ConfigError(f"{path} does not fit this config's model: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")

@@ -186,3 +186,77 @@ def cyclic_distance(a, b, period: float) -> torch.Tensor:
     a, b = torch.as_tensor(a), torch.as_tensor(b)
     d = torch.remainder(a - b, period)
     return torch.minimum(d, period - d)
+
+
+def time_of_day_errors(pred_bins, true_minutes, num_bins: int) -> torch.Tensor:
+    """Minutes between the predicted bin's centre and the true time of day, wrapped around 24 h."""
+    pred_bins = torch.as_tensor(pred_bins)
+    true_minutes = torch.as_tensor(true_minutes, dtype=torch.float64)
+    if pred_bins.shape != true_minutes.shape:
+        raise ValueError(f"shape mismatch: predictions {tuple(pred_bins.shape)} vs truth {tuple(true_minutes.shape)}")
+    centre = (pred_bins.to(torch.float64) + 0.5) * (24 * 60 / num_bins)
+    return cyclic_distance(centre, true_minutes, 24 * 60)
+
+
+def cyclic_positives(query_values, gallery_values, tolerance: float, period: float) -> torch.Tensor:
+    """Bool [Q, G]: gallery items within ``tolerance`` of the query on a circle of ``period``."""
+    q = torch.as_tensor(query_values, dtype=torch.float64)[:, None]
+    g = torch.as_tensor(gallery_values, dtype=torch.float64)[None, :]
+    return cyclic_distance(q, g, period) <= tolerance + 1e-9
+
+
+# --- TARA protocol (geo_time) -------------------------------------------------------------------
+
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
+           "October", "November", "December")
+
+
+def _date_parts(label: str) -> list[int]:
+    parts = [int(p) for p in str(label).strip().split("-")]
+    if not 1 <= len(parts) <= 3 or (len(parts) > 1 and not 1 <= parts[1] <= 12) or \
+            (len(parts) > 2 and not 1 <= parts[2] <= 31):
+        raise ValueError(f"not a YYYY, YYYY-M or YYYY-M-D time label: {label!r}")
+    return parts
+
+
+def rewrite_time_label(label: str) -> str:
+    """TARA's prompt form: "2017-5-23" -> "May 23, 2017", "2017-5" -> "May, 2017", "2017" stays."""
+    parts = _date_parts(label)
+    if len(parts) == 3:
+        return f"{_MONTHS[parts[1] - 1]} {parts[2]}, {parts[0]}"
+    if len(parts) == 2:
+        return f"{_MONTHS[parts[1] - 1]}, {parts[0]}"
+    return str(parts[0])
+
+
+def time_hierarchy(label: str) -> set[str]:
+    """Century, decade, year, year-month, date: as many levels as the label has."""
+    parts = _date_parts(label)
+    year = parts[0]
+    levels = {f"century:{(year - 1) // 100 + 1}", f"decade:{year // 10 * 10}", f"year:{year}"}
+    if len(parts) > 1:
+        levels.add(f"month:{year}-{parts[1]}")
+    if len(parts) > 2:
+        levels.add(f"date:{year}-{parts[1]}-{parts[2]}")
+    return levels
+
+
+def location_hierarchy(label: str) -> set[str]:
+    """Split on ", "; with more than 3 parts: [all but the last two joined, second-to-last, last]."""
+    parts = [p.strip() for p in str(label).split(", ") if p.strip()]
+    if len(parts) > 3:
+        parts = [", ".join(parts[:-2]), parts[-2], parts[-1]]
+    return {f"{level}:{part}" for level, part in zip(range(len(parts), 0, -1), parts)}
+
+
+def example_f1(predictions: Sequence[str], golds: Sequence[str], hierarchy) -> float:
+    """Mean over examples of 2|P ∩ G| / (|P| + |G|) over hierarchical label sets."""
+    if len(predictions) != len(golds):
+        raise ValueError(f"{len(predictions)} predictions vs {len(golds)} gold labels")
+    if not golds:
+        raise ValueError("no examples")
+    total = 0.0
+    for pred, gold in zip(predictions, golds):
+        p, g = hierarchy(pred), hierarchy(gold)
+        total += 2 * len(p & g) / (len(p) + len(g))
+    return total / len(golds)

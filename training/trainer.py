@@ -23,7 +23,7 @@ from shards.reader import read_skip_logs, summarize_skips
 from training import checkpoint as ckpt
 from training.config import Config, load_deepspeed_overrides
 from training.data import steps_per_epoch, to_device, train_loader
-from training.evaluation import evaluate_model
+from training.evaluation import evaluate_model, load_weights
 from training.distributed import DistInfo, barrier, init_distributed
 from training.logging_utils import RunLogger, plot_curves, setup_console_logging
 from training import wise_ft
@@ -72,6 +72,9 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     # model, optimizer, schedule, engine
     model, backbone = build_model(cfg)
+    if cfg.model.init_weights and run_state is None:  # e.g. stage 2 from stage 1's final weights
+        load_weights(model, cfg.model.init_weights, allow_missing_heads=True)
+        log.info("initialised from %s", cfg.model.init_weights)
     freeze_first_blocks(model.backbone, cfg.optim.freeze_vision_blocks, cfg.optim.freeze_text_blocks)
     if cfg.optim.grad_checkpointing:
         model.backbone.set_grad_checkpointing(True)
@@ -112,6 +115,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     rng = random.Random(cfg.run.seed + step)
     task_names = list(tasks)
 
+    for head in model.heads.values():
+        head.prepare(engine.module.backbone)
     logger = RunLogger(run_dir, dist_info.is_main)
     baseline = evaluate_model(engine.module, backbone, cfg) if run_state is None else None
     if baseline is not None:

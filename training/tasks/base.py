@@ -34,6 +34,10 @@ class Task(nn.Module):
         """Calling the task module (not ``training_forward`` directly) lets ZeRO-3 gather its parameters."""
         return self.training_forward(backbone, batch)
 
+    @torch.no_grad()
+    def prepare(self, backbone: nn.Module) -> None:
+        """Precompute what training needs from the backbone (e.g. embedded corpora); default: nothing."""
+
     def map_sample(self, sample: dict[str, Any], backbone: Backbone, train: bool) -> dict[str, Any]:
         """Turn one decoded WebDataset sample into tensors (runs in data-loader workers)."""
         raise NotImplementedError

@@ -12,11 +12,11 @@ import zlib
 from typing import Any, Iterable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from training import metrics
+from training.losses import gather_across_ranks, symmetric_infonce
 from training.model import Backbone
 from training.registry import register_task
 from training.tasks.base import Task, TaskOptions
@@ -35,27 +35,6 @@ class RetrievalOptions(TaskOptions):
 def caption_id(caption: str) -> int:
     """A stable integer id of a caption, so ranks can tell duplicate captions apart cheaply."""
     return zlib.crc32(caption.strip().lower().encode("utf-8"))
-
-
-def multi_positive_infonce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against a target spread evenly over each row's positives.
-
-    With one positive per row this is the usual InfoNCE; duplicates are no longer negatives.
-    """
-    target = positives.float() / positives.float().sum(dim=1, keepdim=True)
-    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-
-
-def _gather(t: torch.Tensor, with_grad: bool) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    if with_grad:
-        import torch.distributed.nn.functional as dist_nn
-
-        return torch.cat(dist_nn.all_gather(t), dim=0)
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    return torch.cat(out, dim=0)
 
 
 @register_task("retrieval")
@@ -94,11 +73,10 @@ class RetrievalTask(Task):
         image, text = self._encode(backbone, batch)
         ids = torch.as_tensor(batch["caption_id"], device=image.device)
         if self.options.gather_across_ranks:
-            image, text, ids = _gather(image, True), _gather(text, True), _gather(ids, False)
+            image, text = gather_across_ranks(image, True), gather_across_ranks(text, True)
+            ids = gather_across_ranks(ids, False)
         scale = self.logit_scale.clamp(max=math.log(100)).exp()
-        logits = scale * image.float() @ text.float().T
-        positives = ids[:, None] == ids[None, :]
-        loss = (multi_positive_infonce(logits, positives) + multi_positive_infonce(logits.T, positives.T)) / 2
+        loss = symmetric_infonce(image, text, ids, scale)
         return {"contrastive_loss": loss}, {"logit_scale": float(scale.detach())}
 
     @torch.no_grad()

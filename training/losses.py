@@ -1,0 +1,35 @@
+"""Losses shared by tasks: multi-positive InfoNCE and the cross-rank feature gather it needs."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def multi_positive_infonce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against a target spread evenly over each row's positives.
+
+    With one positive per row this is the usual InfoNCE; duplicates are no longer negatives.
+    """
+    target = positives.float() / positives.float().sum(dim=1, keepdim=True)
+    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def symmetric_infonce(a: torch.Tensor, b: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(a->b + b->a) / 2 on normalised features; rows with equal ``ids`` are positives."""
+    logits = scale * a.float() @ b.float().T
+    positives = ids[:, None] == ids[None, :]
+    return (multi_positive_infonce(logits, positives) + multi_positive_infonce(logits.T, positives.T)) / 2
+
+
+def gather_across_ranks(t: torch.Tensor, with_grad: bool) -> torch.Tensor:
+    """Concatenate ``t`` from every rank (rank order); gradients flow back when ``with_grad``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    if with_grad:
+        import torch.distributed.nn.functional as dist_nn
+
+        return torch.cat(dist_nn.all_gather(t), dim=0)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return torch.cat(out, dim=0)

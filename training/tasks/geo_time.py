@@ -1,0 +1,231 @@
+"""geo_time: where and when a photo was taken (QR-CLIP; task spec section 2).
+
+Quantity module: the ViT carries K extra learnable [CLS] tokens per quantity (location, time),
+initialised from its own [CLS]; each token's output is projected (projection initialised from the
+ViT's) and trained contrastively against label prompts "a photo taken in {label}"; the base
+prediction takes the max over the K tokens. The backbone's weights are untouched, so any open_clip
+ViT checkpoint loads as it is.
+Knowledge search: each [CLS] embedding retrieves its top-k texts from an embedded corpus.
+Relevance module: a small scorer weights the image embedding and each retrieved knowledge embedding;
+the weighted sum is matched by cosine against the candidate label prompts, cross-entropy over them.
+Metrics (TARA): top-1 accuracy and Example-F1 over hierarchical labels, base and with knowledge.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training import knowledge, metrics
+from training.config import ConfigError
+from training.losses import gather_across_ranks, symmetric_infonce
+from training.model import Backbone
+from training.registry import register_task
+from training.tasks.base import Task, TaskOptions
+
+QUANTITIES = ("location", "time")
+GOLD_FIELDS = {"location": "gold_location", "time": "gold_time"}
+
+
+class GeoTimeOptions(TaskOptions):
+    num_cls_tokens: int = 4  # K extra [CLS] tokens per quantity
+    stage: Literal["quantity", "relevance", "joint"] = "joint"  # what trains (relevance: tokens frozen)
+    prompt: str = "a photo taken in {}"
+    knowledge_corpus: str | None = None  # one text per line, CSV or JSONL (text column)
+    knowledge_top_k: int = 4  # texts retrieved per [CLS] token
+    labels_file: str | None = None  # {"location": [...], "time": [...]}: training candidates
+    relevance_hidden: int = 256
+    init_logit_scale: float = math.log(1 / 0.07)
+
+
+def prompt_text(template: str, quantity: str, label: str) -> str:
+    """The TARA prompt: time labels are rewritten ("2017-5" -> "May, 2017") first."""
+    return template.format(metrics.rewrite_time_label(label) if quantity == "time" else label)
+
+
+def check_vit(visual: nn.Module) -> None:
+    needed = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "ln_post", "proj")
+    missing = [n for n in needed if getattr(visual, n, None) is None]
+    if missing or getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok" \
+            or getattr(visual, "final_ln_after_pool", False):
+        raise ConfigError("geo_time needs an open_clip ViT with [CLS]-token pooling "
+                          f"(missing {missing or 'none'}, pool_type={getattr(visual, 'pool_type', None)})")
+
+
+def vit_with_extra_tokens(visual: nn.Module, images: torch.Tensor, extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's ViT forward with ``extra`` [T, width] tokens after [CLS].
+
+    Returns (image embedding [B, D] from [CLS], extra token outputs after ln_post [B, T, width]).
+    """
+    x = visual.conv1(images.to(visual.conv1.weight.dtype))
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    pos = visual.positional_embedding.to(x.dtype)
+    cls = (visual.class_embedding.to(x.dtype) + pos[0]).expand(x.shape[0], 1, -1)
+    tokens = extra.to(x.dtype).expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, tokens, x + pos[1:]], dim=1)
+    x = visual.ln_pre(x)
+    x = visual.ln_post(visual.transformer(x))
+    return x[:, 0] @ visual.proj, x[:, 1:1 + extra.shape[0]]
+
+
+class RelevanceModule(nn.Module):
+    """Weights for the image embedding and each knowledge embedding; returns their normalised sum."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.scorer = nn.Sequential(nn.Linear(3 * dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, image: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image [B, D], items [B, N, D] (image first among them) -> (fused [B, D], weights [B, N])."""
+        query = image[:, None].expand_as(items)
+        weights = self.scorer(torch.cat([items, query, items * query], dim=-1)).squeeze(-1).softmax(dim=-1)
+        return F.normalize((weights[..., None] * items).sum(dim=1), dim=-1), weights
+
+
+@register_task("geo_time")
+class GeoTimeTask(Task):
+    Options = GeoTimeOptions
+
+    def __init__(self, options: GeoTimeOptions, backbone: Backbone):
+        super().__init__(options, backbone)
+        if options.stage != "quantity" and not (options.knowledge_corpus and options.labels_file):
+            raise ConfigError(f"geo_time: stage={options.stage!r} needs knowledge_corpus and labels_file")
+        visual = backbone.model.visual
+        check_vit(visual)
+        k, width = options.num_cls_tokens, visual.class_embedding.shape[-1]
+        start = (visual.class_embedding + visual.positional_embedding[0]).detach()
+        self.extra_tokens = nn.Parameter(start.repeat(len(QUANTITIES) * k, 1).clone())
+        self.token_proj = nn.Parameter(visual.proj.detach().repeat(len(QUANTITIES) * k, 1, 1).clone())
+        self.logit_scale = nn.Parameter(torch.tensor(options.init_logit_scale))
+        self.relevance = nn.ModuleDict({q: RelevanceModule(backbone.embed_dim, options.relevance_hidden)
+                                        for q in QUANTITIES})
+        self.relevance_logit_scale = nn.Parameter(torch.tensor(options.init_logit_scale))
+        if options.stage == "relevance":  # the quantity module was trained before
+            for p in (self.extra_tokens, self.token_proj, self.logit_scale):
+                p.requires_grad_(False)
+        self.tokenizer = backbone.tokenizer
+        self.labels = json.loads(Path(options.labels_file).read_text()) if options.labels_file else None
+        self.corpus_emb: torch.Tensor | None = None  # filled by prepare()
+        self.candidate_emb: dict[str, torch.Tensor] = {}
+
+    # --- data -------------------------------------------------------------------------------------
+    def map_sample(self, sample: dict[str, Any], backbone: Backbone, train: bool) -> dict[str, Any]:
+        meta = sample["json"]
+        out = {"task": "geo_time", "key": sample["__key__"],
+               "image": (backbone.preprocess_train if train else backbone.preprocess_val)(sample["image"])}
+        for q in QUANTITIES:
+            label = str(meta[GOLD_FIELDS[q]]).strip()
+            out[f"{q}_label"] = label
+            out[f"{q}_prompt"] = backbone.tokenizer([prompt_text(self.options.prompt, q, label)])[0]
+        return out
+
+    # --- embeddings -------------------------------------------------------------------------------
+    def encode(self, backbone: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(image embedding [B, D], {quantity: token embeddings [B, K, D]}), all normalised."""
+        image, outputs = vit_with_extra_tokens(backbone.visual, images, self.extra_tokens)
+        projected = torch.einsum("btw,twd->btd", outputs, self.token_proj.to(outputs.dtype))
+        k = self.options.num_cls_tokens
+        tokens = {q: F.normalize(projected[:, i * k:(i + 1) * k], dim=-1) for i, q in enumerate(QUANTITIES)}
+        return F.normalize(image, dim=-1), tokens
+
+    @torch.no_grad()
+    def prepare(self, backbone: nn.Module, cache: bool = True) -> None:
+        """Embed the knowledge corpus and the training candidates with the current text tower.
+
+        Called before training and again at each evaluation: in joint training the text tower moves,
+        so the corpus is re-embedded then (without writing a cache file for every evaluation).
+        """
+        if self.options.knowledge_corpus:
+            _, self.corpus_emb = knowledge.embed_corpus(backbone, self.tokenizer, self.options.knowledge_corpus,
+                                                        cache=cache)
+        if self.labels:
+            self.candidate_emb = {q: self.label_embeddings(backbone, q, self.labels[q]) for q in QUANTITIES}
+
+    @torch.no_grad()
+    def label_embeddings(self, backbone: nn.Module, quantity: str, labels: list[str]) -> torch.Tensor:
+        texts = [prompt_text(self.options.prompt, quantity, label) for label in labels]
+        return knowledge.embed_texts(backbone, self.tokenizer, texts)
+
+    def fuse_knowledge(self, quantity: str, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Retrieve top-k texts for every [CLS] token, weight them with the image, return the fusion."""
+        b, k, d = tokens.shape
+        _, ids = knowledge.search(tokens.reshape(b * k, d).float(), self.corpus_emb, self.options.knowledge_top_k)
+        retrieved = self.corpus_emb[ids.reshape(b, -1)].to(image.dtype)  # [B, K * top_k, D]
+        fused, _ = self.relevance[quantity](image, torch.cat([image[:, None], retrieved], dim=1))
+        return fused
+
+    # --- training ---------------------------------------------------------------------------------
+    def training_forward(self, backbone, batch):
+        image, tokens = self.encode(backbone, batch["image"])
+        losses, report = {}, {}
+        for q in QUANTITIES:
+            if self.options.stage != "relevance":
+                losses[f"{q}_quantity_loss"] = self._quantity_loss(backbone, tokens[q], batch, q)
+            if self.options.stage != "quantity":
+                fused = self.fuse_knowledge(q, image, tokens[q].detach())
+                target = self._candidate_index(q, batch[f"{q}_label"], image.device)
+                logits = self.relevance_logit_scale.exp() * fused.float() @ self.candidate_emb[q].T
+                losses[f"{q}_relevance_loss"] = F.cross_entropy(logits, target)
+                report[f"{q}_relevance_acc"] = float((logits.argmax(1) == target).float().mean())
+        return losses, report
+
+    def _quantity_loss(self, backbone, tokens: torch.Tensor, batch, quantity: str) -> torch.Tensor:
+        """Each [CLS] token against the batch's label prompts (same label = positive), across ranks."""
+        prompts = F.normalize(backbone(text=batch[f"{quantity}_prompt"])["text_features"], dim=-1)
+        ids = torch.tensor([hash_label(x) for x in batch[f"{quantity}_label"]], device=prompts.device)
+        prompts, ids = gather_across_ranks(prompts, True), gather_across_ranks(ids, False)
+        scale = self.logit_scale.clamp(max=math.log(100)).exp()
+        per_token = [symmetric_infonce(gather_across_ranks(tokens[:, i], True), prompts, ids, scale)
+                     for i in range(tokens.shape[1])]
+        return torch.stack(per_token).mean()
+
+    def _candidate_index(self, quantity: str, labels: list[str], device) -> torch.Tensor:
+        index = {label: i for i, label in enumerate(self.labels[quantity])}
+        missing = [x for x in labels if x not in index]
+        if missing:
+            raise ValueError(f"{quantity} labels {missing[:3]} are not in {self.options.labels_file}")
+        return torch.tensor([index[x] for x in labels], device=device)
+
+    # --- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, backbone, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+        self.prepare(backbone, cache=self.options.stage == "relevance")
+        tokens, fused, golds = [], {q: [] for q in QUANTITIES}, {q: [] for q in QUANTITIES}, \
+            {q: [] for q in QUANTITIES}
+        for batch in batches:
+            image, toks = self.encode(backbone, batch["image"])
+            for q in QUANTITIES:
+                tokens[q].append(toks[q].float())
+                golds[q] += list(batch[f"{q}_label"])
+                if self.options.stage != "quantity":
+                    fused[q].append(self.fuse_knowledge(q, image, toks[q]).float())
+        result = {}
+        for q in QUANTITIES:
+            candidates = sorted(set(golds[q]))  # TARA: the unique labels of the test set
+            cand_emb = self.label_embeddings(backbone, q, candidates)
+            base = (torch.cat(tokens[q]) @ cand_emb.T).amax(dim=1)  # max over the K tokens
+            result.update(score_predictions(q, [candidates[i] for i in base.argmax(1).tolist()], golds[q], "base"))
+            if fused[q]:
+                with_knowledge = (torch.cat(fused[q]) @ cand_emb.T).argmax(1).tolist()
+                result.update(score_predictions(q, [candidates[i] for i in with_knowledge], golds[q], "knowledge"))
+            result[f"{q}_top1_chance"] = 1 / len(candidates)
+        return result
+
+
+def hash_label(label: str) -> int:
+    import zlib
+
+    return zlib.crc32(label.encode("utf-8"))
+
+
+def score_predictions(quantity: str, predictions: list[str], golds: list[str], name: str) -> dict[str, float]:
+    """TARA top-1 accuracy and Example-F1 of predicted labels."""
+    hierarchy = metrics.time_hierarchy if quantity == "time" else metrics.location_hierarchy
+    accuracy = sum(p == g for p, g in zip(predictions, golds)) / len(golds)
+    return {f"{quantity}_top1_{name}": accuracy,
+            f"{quantity}_example_f1_{name}": metrics.example_f1(predictions, golds, hierarchy)}
