@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 from PIL import Image
 
+from shards.convert_toc import add_toc_arguments, convert_toc
 from shards.writer import ShardSetWriter
 
 LOGGER = logging.getLogger("multiclip.shards")
@@ -265,6 +266,7 @@ def add_captions_arguments(parser: argparse.ArgumentParser) -> None:
 CONVERTERS: dict[str, Converter] = {
     "folder": Converter("one subfolder per class (CIFAR-10/VOC layout)", add_folder_arguments, convert_folder),
     "captions": Converter("csv/jsonl table of image paths and captions", add_captions_arguments, convert_captions),
+    "toc": Converter("TOC (TICL) metadata: photos with their local time", add_toc_arguments, convert_toc),
 }
 
 

@@ -53,6 +53,7 @@ class SynthTask:
 
     describe: Callable[[int], dict[str, Any]]
     make_sample: Callable[[random.Random, str, int, dict[str, Any]], tuple[dict[str, bytes], SampleFields]]
+    write_extras: Callable[[Path, dict[str, Any], int], None] | None = None  # files beside the splits
 
 
 @dataclass(frozen=True)
@@ -260,8 +261,20 @@ def make_retrieval_sample(
     return {"png": encode_image(image, "png")}, fields
 
 
+from shards.synth_geo import describe_geo, labels_of, make_geo_sample, write_knowledge_corpus  # noqa: E402
+from shards.synth_time import describe_time, make_time_sample  # noqa: E402
+
+
+def write_geo_extras(out: Path, task_meta: dict[str, Any], seed: int) -> None:
+    """geo_time also needs its knowledge corpus and the candidate labels."""
+    write_knowledge_corpus(task_meta, out / "knowledge.txt", seed=seed)
+    (out / "labels.json").write_text(json.dumps(labels_of(task_meta), indent=1) + "\n")
+
+
 SYNTH_TASKS: dict[str, SynthTask] = {
     "retrieval": SynthTask(describe=describe_retrieval, make_sample=make_retrieval_sample),
+    "time": SynthTask(describe=describe_time, make_sample=make_time_sample),
+    "geo_time": SynthTask(describe=describe_geo, make_sample=make_geo_sample, write_extras=write_geo_extras),
 }
 
 
@@ -309,6 +322,8 @@ def generate(
     for split, count in (("train", n_train), ("val", n_val)):
         sizes = write_split(out / split, task, count, seed, shard_size, image_size, task_meta, split, overwrite)
         counts[split] = sizes["total"]
+    if SYNTH_TASKS[task].write_extras is not None:
+        SYNTH_TASKS[task].write_extras(out, task_meta, seed)
     meta = {"task": task, "seed": seed, "image_size": image_size, **task_meta, "counts": counts}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta

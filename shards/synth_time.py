@@ -5,11 +5,12 @@ its ``SynthTask`` protocol. A scene is sky, ground, a tree and a house:
 
 - hour: sky colour (night dark blue, dawn orange/pink, day light blue, dusk red/purple), light level on
   everything below the sky, and the sun (day) or moon (night) on an arc whose x position moves
-  continuously with the time of day, left at sunrise (06:00) / moonrise (18:00), right at set.
+  continuously with the time of day, left at sunrise (06:00) / moonrise (18:00), right at set; by day
+  the tree and house cast shadows away from the sun, long in the morning and evening.
 - month: the ground's and the tree's foliage colour follow a seasonal palette (winter white/grey, spring
   light green with blossoms, summer deep green, autumn orange/brown), interpolated across months.
-- nuisance: horizon height, clouds, stars, tree and house positions, palette jitter and pixel noise, so a
-  model has to read the cues rather than a fixed pixel.
+- nuisance: horizon height, clouds, stars, moon phase, tree and house positions, palette jitter and
+  sparse grey pixel noise, so a model has to read the cues rather than a fixed pixel.
 
 Captions and labels use the same format as ``shards.convert_toc`` ("a photo taken at 17:49 in May",
 "17h"), so synthetic and converted TOC shards are interchangeable.
@@ -33,21 +34,25 @@ HOUR_LABELS = tuple(f"{hour}h" for hour in range(24))
 YEARS = (2006, 2014)  # synthetic timestamps get a year in this range (only for the "time" string)
 
 Colour = tuple[float, float, float]
-# (hour, colour) keyframes, interpolated cyclically over 24 h. Sky top and sky at the horizon.
+# (hour, colour) keyframes, interpolated cyclically over 24 h: sky top and sky at the horizon. Night is
+# darkest at 01:00; dawn is pink/peach under a light-blue top, dusk red/crimson under a purple top; the
+# day sky drifts from pale cyan (morning) through deep blue (noon) to a golden haze (afternoon).
 SKY_TOP: tuple[tuple[float, Colour], ...] = (
-    (0.0, (8, 10, 38)), (4.5, (10, 12, 45)), (5.5, (70, 55, 115)), (6.5, (125, 140, 200)),
-    (8.0, (105, 165, 235)), (12.0, (75, 145, 240)), (16.0, (100, 160, 230)), (17.5, (115, 90, 160)),
-    (18.5, (75, 40, 110)), (19.5, (38, 25, 78)), (21.0, (12, 14, 48)),
+    (1.0, (4, 6, 28)), (3.5, (10, 22, 52)), (5.0, (30, 36, 88)), (5.75, (85, 95, 165)),
+    (6.5, (140, 172, 222)), (8.0, (125, 188, 235)), (12.0, (55, 125, 235)), (15.5, (105, 150, 215)),
+    (16.75, (125, 125, 190)), (17.6, (120, 75, 150)), (18.4, (80, 32, 100)), (19.25, (45, 22, 85)),
+    (20.75, (22, 18, 66)),
 )
 SKY_HORIZON: tuple[tuple[float, Colour], ...] = (
-    (0.0, (20, 25, 62)), (4.5, (30, 30, 72)), (5.5, (235, 125, 130)), (6.5, (250, 165, 85)),
-    (8.0, (170, 210, 240)), (12.0, (160, 205, 245)), (16.0, (180, 210, 235)), (17.5, (240, 105, 55)),
-    (18.5, (205, 55, 70)), (19.5, (115, 45, 115)), (21.0, (30, 30, 78)),
+    (1.0, (12, 16, 45)), (3.5, (22, 40, 70)), (5.0, (95, 65, 125)), (5.75, (245, 150, 175)),
+    (6.5, (255, 195, 125)), (8.0, (195, 228, 235)), (12.0, (150, 195, 245)), (15.5, (225, 215, 175)),
+    (16.75, (245, 175, 90)), (17.6, (235, 80, 40)), (18.4, (190, 35, 80)), (19.25, (110, 40, 120)),
+    (20.75, (42, 30, 92)),
 )
 # Light on ground, tree and house: dim at night, full at noon.
 LIGHT: tuple[tuple[float, float], ...] = (
-    (0.0, 0.3), (4.5, 0.3), (6.0, 0.6), (8.0, 0.95), (12.0, 1.0), (16.0, 0.95), (18.0, 0.6),
-    (19.5, 0.35), (21.0, 0.3),
+    (1.0, 0.25), (4.5, 0.32), (6.0, 0.6), (8.0, 0.9), (12.0, 1.0), (16.0, 0.92), (18.0, 0.6),
+    (19.5, 0.36), (21.0, 0.3),
 )
 # (month, colour) keyframes, interpolated cyclically over 12 months.
 GROUND: tuple[tuple[float, Colour], ...] = (
@@ -66,8 +71,11 @@ SUN_COLOUR, SUN_LOW_COLOUR, MOON_COLOUR = (255, 245, 200), (255, 170, 80), (230,
 TRUNK_COLOUR = (90, 60, 35)
 WINDOW_COLOUR = (255, 215, 90)  # lit at night
 WINDOW_DAY_COLOUR = (60, 70, 90)
+SHADOW_REACH = 0.35  # shadow length at sunrise/sunset, as a share of the image side
+SHADOW_LIGHT = 0.6  # a shadow is the ground at this share of the light
 PALETTE_JITTER = 12
-NOISE_AMPLITUDE = 6
+NOISE_AMPLITUDE = 10
+NOISE_DENSITY = 0.12
 NOISE_BANK_SEED = 20240605
 
 SampleFields = dict[str, Any]
@@ -146,6 +154,19 @@ def arc_position(phase: float, horizon: int, size: int) -> tuple[float, float]:
     return x, y
 
 
+def sky_body(hour: float) -> tuple[bool, float]:
+    """(is_day, phase): the sun is up from 06:00 to 18:00, the moon from 18:00 to 06:00, phase 0..1 each."""
+    if 6.0 <= hour < 18.0:
+        return True, (hour - 6.0) / 12.0
+    return False, ((hour - 18.0) % 24.0) / 12.0
+
+
+def shadow_offset(hour: float, size: int) -> float:
+    """Horizontal reach of cast shadows: away from the sun, long at sunrise/sunset, none at night."""
+    is_day, phase = sky_body(hour)
+    return (0.5 - phase) * 2 * SHADOW_REACH * size if is_day else 0.0
+
+
 def draw_stars(rng: random.Random, draw: ImageDraw.ImageDraw, darkness: float, horizon: int, size: int) -> None:
     level = int(120 + 120 * darkness)
     for _ in range(int(rng.randint(4, 12) * darkness)):
@@ -163,9 +184,8 @@ def draw_clouds(rng: random.Random, draw: ImageDraw.ImageDraw, light: float, hor
 
 def draw_sun_or_moon(rng: random.Random, draw: ImageDraw.ImageDraw, hour: float, sky: tuple[Colour, Colour],
                      horizon: int, size: int) -> None:
-    """Sun from 06:00 to 18:00, moon from 18:00 to 06:00, both on the same arc."""
-    is_day = 6.0 <= hour < 18.0
-    phase = (hour - 6.0) / 12.0 if is_day else ((hour - 18.0) % 24.0) / 12.0
+    """Sun by day, moon by night, both on the same arc."""
+    is_day, phase = sky_body(hour)
     x, y = arc_position(phase, horizon, size)
     if is_day:
         r = 0.07 * size
@@ -179,11 +199,20 @@ def draw_sun_or_moon(rng: random.Random, draw: ImageDraw.ImageDraw, hour: float,
         draw.ellipse((x + shadow - r, y - r, x + shadow + r, y + r), fill=as_rgb(sky_at(*sky, y, horizon)))
 
 
+def draw_shadow(draw: ImageDraw.ImageDraw, x0: float, x1: float, base: float, reach: float, fill: tuple,
+                size: int) -> None:
+    """A flat band on the ground from the object's foot (x0..x1) stretched by reach, away from the sun."""
+    left, right = min(x0, x0 + reach), max(x1, x1 + reach)
+    draw.ellipse((left, base - 0.02 * size, right, base + 0.04 * size), fill=fill)
+
+
 def draw_tree(rng: random.Random, draw: ImageDraw.ImageDraw, foliage: tuple[int, int, int],
-              trunk: tuple[int, int, int], blossoms: int, horizon: int, size: int) -> None:
+              trunk: tuple[int, int, int], blossoms: int, shadow: tuple[float, tuple], horizon: int,
+              size: int) -> None:
     x = rng.uniform(0.1, 0.9) * size
     base = horizon + rng.uniform(0.05, 0.2) * (size - horizon)
     height, crown = rng.uniform(0.3, 0.42) * size, rng.uniform(0.12, 0.17) * size
+    draw_shadow(draw, x - 0.5 * crown, x + 0.5 * crown, base, shadow[0], shadow[1], size)
     draw.rectangle((x - 0.02 * size, base - 0.5 * height, x + 0.02 * size, base), fill=trunk)
     cy = base - height + crown
     draw.ellipse((x - crown, cy - crown, x + crown, cy + crown), fill=foliage)
@@ -194,13 +223,14 @@ def draw_tree(rng: random.Random, draw: ImageDraw.ImageDraw, foliage: tuple[int,
 
 
 def draw_house(rng: random.Random, draw: ImageDraw.ImageDraw, light: float, horizon_colour: Colour,
-               horizon: int, size: int) -> None:
+               shadow: tuple[float, tuple], horizon: int, size: int) -> None:
     """A box with a roof; its window is lit when it is dark outside."""
     w, h = rng.uniform(0.15, 0.25) * size, rng.uniform(0.1, 0.18) * size
     x = rng.uniform(0.0, 1.0) * size - w / 2
     base = horizon + rng.uniform(0.25, 0.7) * (size - horizon)
     wall = (rng.uniform(90, 200), rng.uniform(70, 170), rng.uniform(60, 150))
     roof = (rng.uniform(80, 160), rng.uniform(30, 70), rng.uniform(20, 60))
+    draw_shadow(draw, x, x + w, base, 1.3 * shadow[0], shadow[1], size)
     draw.rectangle((x, base - h, x + w, base), fill=lit(wall, light, horizon_colour))
     draw.polygon([(x - 0.1 * w, base - h), (x + w / 2, base - h - 0.5 * h), (x + 1.1 * w, base - h)],
                  fill=lit(roof, light, horizon_colour))
@@ -211,13 +241,16 @@ def draw_house(rng: random.Random, draw: ImageDraw.ImageDraw, light: float, hori
 
 @lru_cache(maxsize=8)
 def noise_bank(size: int) -> np.ndarray:
-    """A fixed noise field twice the image side; samples cut a window at a random offset.
+    """A fixed field of sparse grey noise, twice the image side; each sample cuts a window at a random offset.
 
-    Drawing fresh noise per image would need a numpy Generator per sample, which costs more than
-    the rest of the scene; windows of one fixed field still give every image different noise.
+    Sparse (NOISE_DENSITY of the pixels): dense noise makes PNG encoding 3x slower. One fixed field:
+    a numpy Generator per sample would cost more than the rest of the scene, and windows at random
+    offsets still give every image different noise.
     """
     generator = np.random.default_rng(NOISE_BANK_SEED)
-    return generator.integers(-NOISE_AMPLITUDE, NOISE_AMPLITUDE + 1, (2 * size, 2 * size, 3), dtype=np.int16)
+    shape = (2 * size, 2 * size, 1)
+    noise = generator.integers(-NOISE_AMPLITUDE, NOISE_AMPLITUDE + 1, shape, dtype=np.int16)
+    return noise * (generator.random(shape) < NOISE_DENSITY)
 
 
 def add_noise(rng: random.Random, image: Image.Image) -> Image.Image:
@@ -241,10 +274,11 @@ def draw_time_scene(rng: random.Random, hour: float, month: int, image_size: int
     draw_sun_or_moon(rng, draw, hour, sky, horizon, size)
     ground = jittered(rng, cyclic_interpolate(GROUND, month, 12.0))
     draw.rectangle((0, horizon, size, size), fill=lit(ground, light, sky[1]))
+    shadow = (shadow_offset(hour, size), lit(ground, SHADOW_LIGHT * light, sky[1]))
     foliage = lit(jittered(rng, cyclic_interpolate(FOLIAGE, month, 12.0)), light, sky[1])
     blossoms = int(BLOSSOM.get(month, 0.0) * rng.randint(6, 12))
-    draw_tree(rng, draw, foliage, lit(TRUNK_COLOUR, light, sky[1]), blossoms, horizon, size)
-    draw_house(rng, draw, light, sky[1], horizon, size)
+    draw_tree(rng, draw, foliage, lit(TRUNK_COLOUR, light, sky[1]), blossoms, shadow, horizon, size)
+    draw_house(rng, draw, light, sky[1], shadow, horizon, size)
     return add_noise(rng, image)
 
 

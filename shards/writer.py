@@ -16,7 +16,7 @@ SHARD_PATTERN = "shard-%06d.tar"
 SHARD_GLOB = "shard-*.tar"
 SIZES_FILE = "sizes.json"
 # Fixed member mtime: the same samples always give byte-identical tars.
-FIXED_MTIME = 0.0
+FIXED_MTIME = 0  # an int: a float mtime makes tarfile write an extra pax header per member
 
 _IMAGE_MEMBER = re.compile(r"^(?:\d+\.)?(?:" + "|".join(IMAGE_EXTENSIONS) + r")$")
 

@@ -39,3 +39,21 @@ def tiny_config(shards: Path, run_dir: Path, **sections) -> dict:
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
     return raw
+
+
+def _synth(tmp_path_factory, task: str, n_train: int = 1600, n_val: int = 200) -> Path:
+    from shards.synth import generate
+
+    out = tmp_path_factory.mktemp("synth") / task
+    generate(out, task=task, n_train=n_train, n_val=n_val, seed=0, shard_size=200, image_size=64)
+    return out
+
+
+@pytest.fixture(scope="session")
+def time_shards(tmp_path_factory) -> Path:
+    return _synth(tmp_path_factory, "time")
+
+
+@pytest.fixture(scope="session")
+def geo_shards(tmp_path_factory) -> Path:
+    return _synth(tmp_path_factory, "geo_time", n_train=2400)

@@ -75,3 +75,12 @@ def test_registry_lists_and_rejects():
 
     with pytest.raises(ValueError, match="already registered"):
         register_task("retrieval")(type("Dup", (), {}))
+
+
+def test_overrides_reach_list_items(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path, tmp_path / "run")))
+    cfg = load_config(path, ["tasks.0.loss_weight=2.5", "tasks.0.options.candidate_batch_size=5"])
+    assert cfg.tasks[0].loss_weight == 2.5 and cfg.tasks[0].options["candidate_batch_size"] == 5
+    with pytest.raises(ConfigError, match="not an index"):
+        load_config(path, ["tasks.3.loss_weight=1"])

@@ -128,19 +128,34 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw config dict."""
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML); list items by index: ``tasks.0.options.x=1``."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value")
         dotted, value = item.split("=", 1)
-        node = raw
+        node: Any = raw
         *parents, leaf = dotted.split(".")
         for key in parents:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {key!r} is not a section")
-        node[leaf] = yaml.safe_load(value)
+            node = _child(node, key, item)
+        if isinstance(node, list):
+            node[_index(node, leaf, item)] = yaml.safe_load(value)
+        else:
+            node[leaf] = yaml.safe_load(value)
     return raw
+
+
+def _index(node: list, key: str, item: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise ConfigError(f"override {item!r}: {key!r} is not an index of a list of {len(node)}")
+    return int(key)
+
+
+def _child(node: Any, key: str, item: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, key, item)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"override {item!r}: {key!r} is not a section")
+    return node.setdefault(key, {})
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:

@@ -38,6 +38,7 @@ class GeoTimeOptions(TaskOptions):
     prompt: str = "a photo taken in {}"
     knowledge_corpus: str | None = None  # one text per line, CSV or JSONL (text column)
     knowledge_top_k: int = 4  # texts retrieved per [CLS] token
+    knowledge_refresh_steps: int = 50  # joint stage: re-embed the corpus with the moving text tower this often
     labels_file: str | None = None  # {"location": [...], "time": [...]}: training candidates
     relevance_hidden: int = 256
     init_logit_scale: float = math.log(1 / 0.07)
@@ -74,17 +75,26 @@ def vit_with_extra_tokens(visual: nn.Module, images: torch.Tensor, extra: torch.
 
 
 class RelevanceModule(nn.Module):
-    """Weights for the image embedding and each knowledge embedding; returns their normalised sum."""
+    """Weights the image-side embeddings and each knowledge embedding; returns their fused embedding.
+
+    Each item is scored against the query (the quantity module's embedding) from [item, query,
+    item * query]; the softmax-weighted sum passes a residual linear map (zero at init, so training
+    starts from the plain weighted sum) and is normalised for cosine matching against label prompts.
+    """
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.scorer = nn.Sequential(nn.Linear(3 * dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.adapter = nn.Linear(dim, dim)
+        nn.init.zeros_(self.adapter.weight)
+        nn.init.zeros_(self.adapter.bias)
 
-    def forward(self, image: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """image [B, D], items [B, N, D] (image first among them) -> (fused [B, D], weights [B, N])."""
-        query = image[:, None].expand_as(items)
-        weights = self.scorer(torch.cat([items, query, items * query], dim=-1)).squeeze(-1).softmax(dim=-1)
-        return F.normalize((weights[..., None] * items).sum(dim=1), dim=-1), weights
+    def forward(self, query: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """query [B, D], items [B, N, D] -> (fused [B, D], weights [B, N])."""
+        q = query[:, None].expand_as(items)
+        weights = self.scorer(torch.cat([items, q, items * q], dim=-1)).squeeze(-1).softmax(dim=-1)
+        fused = (weights[..., None] * items).sum(dim=1)
+        return F.normalize(fused + self.adapter(fused), dim=-1), weights
 
 
 @register_task("geo_time")
@@ -105,6 +115,8 @@ class GeoTimeTask(Task):
         self.relevance = nn.ModuleDict({q: RelevanceModule(backbone.embed_dim, options.relevance_hidden)
                                         for q in QUANTITIES})
         self.relevance_logit_scale = nn.Parameter(torch.tensor(options.init_logit_scale))
+        # knowledge evidence is added to the quantity module's scores with a learned gate
+        self.knowledge_gate = nn.Parameter(torch.tensor(0.5))
         if options.stage == "relevance":  # the quantity module was trained before
             for p in (self.extra_tokens, self.token_proj, self.logit_scale):
                 p.requires_grad_(False)
@@ -152,15 +164,23 @@ class GeoTimeTask(Task):
         return knowledge.embed_texts(backbone, self.tokenizer, texts)
 
     def fuse_knowledge(self, quantity: str, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Retrieve top-k texts for every [CLS] token, weight them with the image, return the fusion."""
+        """Retrieve top-k texts for every [CLS] token and fuse them with the image-side embeddings.
+
+        The query is the quantity module's embedding (mean of its K tokens); the items are that
+        query, the image's [CLS] embedding and every retrieved knowledge embedding.
+        """
         b, k, d = tokens.shape
         _, ids = knowledge.search(tokens.reshape(b * k, d).float(), self.corpus_emb, self.options.knowledge_top_k)
         retrieved = self.corpus_emb[ids.reshape(b, -1)].to(image.dtype)  # [B, K * top_k, D]
-        fused, _ = self.relevance[quantity](image, torch.cat([image[:, None], retrieved], dim=1))
+        query = F.normalize(tokens.mean(dim=1), dim=-1)
+        items = torch.cat([query[:, None], image[:, None], retrieved], dim=1)
+        fused, _ = self.relevance[quantity](query, items)
         return fused
 
     # --- training ---------------------------------------------------------------------------------
     def training_forward(self, backbone, batch):
+        if self.options.stage == "joint":
+            self._refresh_for_moving_text_tower(backbone)
         image, tokens = self.encode(backbone, batch["image"])
         losses, report = {}, {}
         for q in QUANTITIES:
@@ -169,10 +189,28 @@ class GeoTimeTask(Task):
             if self.options.stage != "quantity":
                 fused = self.fuse_knowledge(q, image, tokens[q].detach())
                 target = self._candidate_index(q, batch[f"{q}_label"], image.device)
-                logits = self.relevance_logit_scale.exp() * fused.float() @ self.candidate_emb[q].T
+                logits = self.relevance_logit_scale.exp() * self.knowledge_scores(
+                    tokens[q].detach(), fused, self.candidate_emb[q])
                 losses[f"{q}_relevance_loss"] = F.cross_entropy(logits, target)
                 report[f"{q}_relevance_acc"] = float((logits.argmax(1) == target).float().mean())
         return losses, report
+
+    @torch.no_grad()
+    def _refresh_for_moving_text_tower(self, backbone) -> None:
+        """Joint training moves the text tower: candidates every step, the corpus every N steps."""
+        self._steps = getattr(self, "_steps", 0) + 1
+        was_training = backbone.training
+        backbone.eval()
+        self.candidate_emb = {q: self.label_embeddings(backbone, q, self.labels[q]) for q in QUANTITIES}
+        if self._steps % self.options.knowledge_refresh_steps == 0:
+            _, self.corpus_emb = knowledge.embed_corpus(backbone, self.tokenizer, self.options.knowledge_corpus,
+                                                        cache=False)
+        backbone.train(was_training)
+
+    def knowledge_scores(self, tokens: torch.Tensor, fused: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """The quantity module's scores (max over tokens) plus the gated knowledge-fused scores."""
+        base = (tokens.float() @ candidates.T.float()).amax(dim=1)
+        return base + self.knowledge_gate * (fused.float() @ candidates.T.float())
 
     def _quantity_loss(self, backbone, tokens: torch.Tensor, batch, quantity: str) -> torch.Tensor:
         """Each [CLS] token against the batch's label prompts (same label = positive), across ranks."""
@@ -195,8 +233,7 @@ class GeoTimeTask(Task):
     @torch.no_grad()
     def evaluate(self, backbone, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         self.prepare(backbone, cache=self.options.stage == "relevance")
-        tokens, fused, golds = [], {q: [] for q in QUANTITIES}, {q: [] for q in QUANTITIES}, \
-            {q: [] for q in QUANTITIES}
+        tokens, fused, golds = ({q: [] for q in QUANTITIES} for _ in range(3))
         for batch in batches:
             image, toks = self.encode(backbone, batch["image"])
             for q in QUANTITIES:
@@ -211,9 +248,11 @@ class GeoTimeTask(Task):
             base = (torch.cat(tokens[q]) @ cand_emb.T).amax(dim=1)  # max over the K tokens
             result.update(score_predictions(q, [candidates[i] for i in base.argmax(1).tolist()], golds[q], "base"))
             if fused[q]:
-                with_knowledge = (torch.cat(fused[q]) @ cand_emb.T).argmax(1).tolist()
+                with_knowledge = self.knowledge_scores(torch.cat(tokens[q]), torch.cat(fused[q]), cand_emb)
+                with_knowledge = with_knowledge.argmax(1).tolist()
                 result.update(score_predictions(q, [candidates[i] for i in with_knowledge], golds[q], "knowledge"))
-            result[f"{q}_top1_chance"] = 1 / len(candidates)
+            for name in ("base", "knowledge"):
+                result[f"{q}_top1_{name}_chance"] = 1 / len(candidates)
         return result
 
 

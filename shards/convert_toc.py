@@ -1,0 +1,143 @@
+"""Converter for TOC (Time-Oriented Collection, TICL) metadata: photos with the local time they were taken.
+
+    python -m shards.convert toc --metadata train_metadata.json --images DIR --out DIR [--shard-size 1000]
+
+The metadata is a JSON list of records (JSON lines are accepted too), each like
+``{"ground_path": "4603553409_5b5f2b63b3.jpg", "latitude": 60.1, "longitude": 24.9,
+"time": "2010-05-13 17:49:28.0", "timezone": "Europe/Helsinki"}``. The image is ``images/ground_path``,
+or else ``images/<basename of ground_path>`` (the published images are one flat folder).
+
+``time`` is the photo's local time: hour, minute and month are read from it as written, with no timezone
+conversion, because local time is what the light in the picture follows. A record whose time does not
+parse as a real date and time (month 13, hour 25, empty, missing, not a string) is skipped as
+``bad_time`` rather than put in a wrong bin; a record that is not an object or has no ``ground_path`` is
+``bad_row``. Images are verified and counted (``missing_image``, ``corrupt_image``,
+``unsupported_image``) by ``shards.convert.write_records``.
+
+The published retrieval split is two metadata files, queries and database; convert them by two runs
+into two shard sets::
+
+    python -m shards.convert toc --metadata query_toc.json --images DIR --out data/toc/query
+    python -m shards.convert toc --metadata test_database.json --images DIR --out data/toc/database
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Iterator
+
+from shards.synth_time import hour_label, time_caption
+
+if TYPE_CHECKING:
+    from shards.convert import SkipRecord, SourceRecord
+
+# shards.convert imports this module to register "toc" in CONVERTERS, so its machinery (SourceRecord,
+# SkipRecord, write_records) is imported where it is used: either module can then be imported first.
+
+TASK = "time"
+# "2010-05-13 17:49:28.0": date, then hour:minute, optional seconds and fraction. Ranges are checked by
+# datetime() afterwards, so "2010-13-01" or "25:00" fail instead of landing in a bin.
+TIME_PATTERN = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})[ T](\d{1,2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?", re.ASCII)
+KEPT_FIELDS = ("latitude", "longitude", "timezone")
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def parse_local_time(value: Any) -> datetime | None:
+    """The time as written (no timezone conversion), or None when it is not a real date and time."""
+    if not isinstance(value, str):
+        return None
+    match = TIME_PATTERN.fullmatch(value.strip())
+    if match is None:
+        return None
+    year, month, day, hour, minute, second = (int(part) if part else 0 for part in match.groups())
+    try:
+        return datetime(year, month, day, hour, minute, second)
+    except ValueError:  # month 13, day 31 in April, hour 25, minute 60...
+        return None
+
+
+def metadata_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """(row number, row) from a JSON list (numbered from 1) or JSON lines (line numbers; None if unparseable)."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except ValueError as exc:  # one broken list loses every record: say so rather than count them
+            raise ValueError(f"{path}: metadata starts a JSON list but does not parse: {exc}") from exc
+        yield from enumerate(rows, start=1)
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except ValueError:
+            yield number, None
+
+
+def resolve_image(images: Path, ground_path: str) -> Path:
+    """images/ground_path if it exists, else images/<basename>; the former is reported when neither does."""
+    relative = PurePosixPath(ground_path.replace("\\", "/"))
+    given = images / relative.relative_to(relative.anchor) if relative.anchor else images / relative
+    if given.is_file():
+        return given
+    flat = images / relative.name
+    return flat if flat.is_file() else given
+
+
+def toc_record(number: int, row: Any, images: Path) -> SourceRecord | SkipRecord:
+    """One metadata record to a sample record; problems become SkipRecords so they are counted, not raised."""
+    from shards.convert import SkipRecord, SourceRecord
+
+    ground_path = row.get("ground_path") if isinstance(row, dict) else None
+    if not isinstance(ground_path, str) or not ground_path.strip():
+        return SkipRecord("bad_row", f"record {number}: not an object or no 'ground_path'")
+    if "time" not in row:
+        return SkipRecord("bad_time", f"record {number} ({ground_path}): no 'time'")
+    taken = parse_local_time(row["time"])
+    if taken is None:
+        return SkipRecord("bad_time", f"record {number} ({ground_path}): unparseable time {row['time']!r}")
+    extra = {"hour": taken.hour, "minute": taken.minute, "month": taken.month, "time": row["time"],
+             **{key: row.get(key) for key in KEPT_FIELDS}, "row": number}
+    return SourceRecord(
+        image_path=resolve_image(images, ground_path), source=ground_path,
+        caption=time_caption(taken.hour, taken.minute, taken.month), label=hour_label(taken.hour),
+        extra=extra, task=TASK,
+    )
+
+
+def toc_records(metadata: Path, images: Path) -> Iterator[SourceRecord | SkipRecord]:
+    for number, row in metadata_rows(metadata):
+        yield toc_record(number, row, images)
+
+
+# --------------------------------------------------------------------------- conversion and CLI
+
+
+def convert_toc(
+    metadata: str | Path,
+    images: str | Path,
+    out: str | Path,
+    shard_size: int = 1000,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """TOC metadata (JSON list or lines) + image folder to a "time" shard set; returns summary.json."""
+    from shards.convert import write_records
+
+    metadata, images = Path(metadata), Path(images)
+    if not metadata.is_file():
+        raise FileNotFoundError(f"metadata file {metadata} does not exist")
+    if not images.is_dir():
+        raise FileNotFoundError(f"images directory {images} is not a directory")
+    return write_records(toc_records(metadata, images), Path(out), shard_size, overwrite)
+
+
+def add_toc_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metadata", required=True, help="TOC metadata: JSON list of records, or JSON lines")
+    parser.add_argument("--images", required=True, help="directory holding the images named by ground_path")
