@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RANKS ?= 2
-DEMO_CONFIG ?= configs/retrieval_tiny.yaml
+DEMO_TASKS ?= retrieval time geo_time
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export RAY_AUTH_MODE ?= disabled
 
@@ -22,11 +22,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+# per task: synthetic shards -> 2-rank DeepSpeed training -> evaluation of the saved weights -> table
 demo: $(STAMP)
-	$(PY) -m shards.synth --out data/synth/retrieval --task retrieval --train 6000 --val 500 --seed 0 --overwrite
-	$(VENV)/bin/deepspeed --num_gpus $(RANKS) launch/train.py --config $(DEMO_CONFIG)
-	$(PY) launch/evaluate.py --config $(DEMO_CONFIG) --checkpoint runs/retrieval_tiny --out runs/retrieval_tiny/eval.json
-	$(PY) launch/report.py runs/retrieval_tiny
+	@for task in $(DEMO_TASKS); do \
+	  set -e; \
+	  $(PY) -m shards.synth --out data/synth/$$task --task $$task --train 6000 --val 500 --seed 0 --overwrite; \
+	  $(VENV)/bin/deepspeed --num_gpus $(RANKS) launch/train.py --config configs/$${task}_tiny.yaml; \
+	  $(PY) launch/evaluate.py --config configs/$${task}_tiny.yaml --checkpoint runs/$${task}_tiny \
+	    --out runs/$${task}_tiny/eval.json > /dev/null; \
+	done
+	@for task in $(DEMO_TASKS); do $(PY) launch/report.py runs/$${task}_tiny; echo; done
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

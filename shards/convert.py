@@ -3,6 +3,8 @@
     python -m shards.convert folder --root DIR --out DIR [--shard-size 1000] [--caption-template T]
     python -m shards.convert captions --file F.csv|F.jsonl --out DIR [--images-root DIR]
                                       [--image-column image] [--caption-column caption] [--label-column label]
+    python -m shards.convert toc --metadata FILE --images DIR --out DIR       (shards/convert_toc.py)
+    python -m shards.convert tara --records FILE --images DIR --out DIR       (shards/convert_tara.py)
 
 Images keep their original bytes and extension (``jpeg`` becomes ``jpg``); unusable records are counted
 by reason in ``summary.json`` next to the shards. A new format is one ``Converter`` in ``CONVERTERS``.
@@ -20,6 +22,7 @@ from typing import Any, Callable, Iterator
 
 from PIL import Image
 
+from shards.convert_tara import add_tara_arguments, convert_tara
 from shards.convert_toc import add_toc_arguments, convert_toc
 from shards.writer import ShardSetWriter
 
@@ -267,6 +270,7 @@ CONVERTERS: dict[str, Converter] = {
     "folder": Converter("one subfolder per class (CIFAR-10/VOC layout)", add_folder_arguments, convert_folder),
     "captions": Converter("csv/jsonl table of image paths and captions", add_captions_arguments, convert_captions),
     "toc": Converter("TOC (TICL) metadata: photos with their local time", add_toc_arguments, convert_toc),
+    "tara": Converter("TARA geo_time records: photos with where and when", add_tara_arguments, convert_tara),
 }
 
 

@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -145,7 +145,7 @@ def region_name(rng: random.Random) -> str:
     return rng.choice(REGION_PREFIXES) + rng.choice(REGION_SUFFIXES)
 
 
-def unique_name(rng: random.Random, make, taken: set[str]) -> str:
+def unique_name(rng: random.Random, make: Callable[[random.Random], str], taken: set[str]) -> str:
     """A fresh name; ``taken`` is compared case-insensitively so no name hides inside another label."""
     while True:
         name = make(rng)
@@ -238,7 +238,7 @@ def location_label(city: dict[str, Any], country: dict[str, Any], region: dict[s
     return f"{city['name']}, {country['name']}, {region['name']}"
 
 
-def iter_locations(task_meta: dict[str, Any]):
+def iter_locations(task_meta: dict[str, Any]) -> Iterator[tuple[dict, dict, dict]]:
     """(region, country, city) dicts in world order."""
     for region in task_meta["regions"]:
         for country in region["countries"]:
@@ -246,7 +246,7 @@ def iter_locations(task_meta: dict[str, Any]):
                 yield region, country, city
 
 
-def iter_years(task_meta: dict[str, Any]):
+def iter_years(task_meta: dict[str, Any]) -> Iterator[tuple[dict, dict]]:
     """(decade, year) dicts in chronological order."""
     for decade in task_meta["decades"]:
         for year in decade["years"]:
@@ -377,7 +377,8 @@ def terrain_polygons(kind: str, layout: Layout, size: int) -> list[list[tuple[fl
             left = (i * 0.36 - 0.05 + 0.1 * r[i]) * size
             top = h - (0.09 + 0.08 * r[i + 3]) * size
             width = (0.14 + 0.1 * r[i + 6]) * size
-            polygons.append([(left, h), (left + 0.05 * size, top), (left + width, top), (left + width + 0.05 * size, h)])
+            slope = 0.05 * size
+            polygons.append([(left, h), (left + slope, top), (left + width, top), (left + width + slope, h)])
         return polygons
     if kind == "sand dunes":
         polygons = []
@@ -533,7 +534,9 @@ def colour_matrix(style: DecadeStyle, strength: float) -> np.ndarray:
     return style.contrast * tone @ saturate
 
 
-def apply_decade_style(pixels: np.ndarray, style: DecadeStyle, strength: float, noise: np.random.Generator) -> np.ndarray:
+def apply_decade_style(
+    pixels: np.ndarray, style: DecadeStyle, strength: float, noise: np.random.Generator
+) -> np.ndarray:
     """The decade's look over the whole photo; ``strength`` jitters it per sample."""
     height, width = pixels.shape[:2]
     if style.blur:  # 3x3 box blur, separable, edges repeated
@@ -705,7 +708,8 @@ def distractor_text(rng: random.Random, names: dict[str, list[str]], world_years
     city, country, region = (rng.choice(names[kind]) for kind in ("city", "country", "region"))
     year = rng.choice([y for y in range(1900, 2026) if y not in world_years])
     templates = (
-        lambda: f"{city} in {country} is known for its {rng.choice(DISTRACTOR_COLOURS)} {rng.choice(DISTRACTOR_THINGS)}",
+        lambda: f"{city} in {country} is known for its {rng.choice(DISTRACTOR_COLOURS)} "
+                f"{rng.choice(DISTRACTOR_THINGS)}",
         lambda: f"{country} flies a flag with {colour_list(rng.sample(FLAG_COLOURS, 2))} stripes and a star",
         lambda: f"{country} is famous for its {rng.choice(FOODS)}",
         lambda: f"{region} exports {rng.choice(GOODS)} and {rng.choice(GOODS)}",
