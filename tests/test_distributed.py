@@ -138,3 +138,31 @@ def test_kill_during_checkpoint_save_leaves_previous_usable(retrieval_shards, tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout + proc.stderr and "step00000004" in proc.stdout + proc.stderr
     assert (ckpt / "latest").read_text().strip() == "step00000006"
+
+
+def test_real_kill_while_a_checkpoint_is_being_written(retrieval_shards, tmp_path):
+    """kill -9 while a save is in progress (its folder exists, ``latest`` not yet moved), then resume."""
+    run = tmp_path / "run"
+    raw = tiny_config(retrieval_shards, run, optim={"max_steps": 40}, schedule={"checkpoint_every": 1},
+                      eval={"max_samples": 50, "batch_size": 50})
+    config = _write_config(tmp_path, raw)
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()), "launch/train.py", "--config", str(config)]
+    job = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = run / "checkpoints"
+    in_progress = None
+    deadline = time.time() + 240
+    while time.time() < deadline and job.poll() is None and in_progress is None:
+        latest = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else ""
+        newer = sorted(p.name for p in ckpt.glob("step*") if p.name > latest) if latest else []
+        if newer:  # a save has started and not finished: kill the whole job now
+            os.killpg(job.pid, signal.SIGKILL)
+            in_progress = newer[-1]
+        time.sleep(0.001)
+    job.wait()
+    assert in_progress is not None, "never caught a save in progress"
+    previous = (ckpt / "latest").read_text().strip()
+    assert previous < in_progress
+    proc = _train(config, "--resume", ranks=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {ckpt / previous}" in proc.stdout

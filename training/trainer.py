@@ -106,14 +106,13 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     epoch_steps = steps_per_epoch(cfg, dist_info.world_size)
     micro_per_epoch = epoch_steps * cfg.optim.grad_accum
     consumed = step * cfg.optim.grad_accum  # micro batches this rank has taken so far
-    tasks = {name: head for name, head in model.heads.items()}
     streams = {name: iter(train_loader(cfg, task, backbone, dist_info, run_dir, consumed // micro_per_epoch))
-               for name, task in tasks.items()}
-    for name in streams:  # replay the part of the epoch the checkpoint had already consumed
+               for name, task in model.heads.items()}
+    for name in streams:  # replay the part of the epoch the checkpoint had already consumed (one task)
         for _ in range(consumed % micro_per_epoch):
             next(streams[name])
     rng = random.Random(cfg.run.seed + step)
-    task_names = list(tasks)
+    task_names = list(streams)
 
     for head in model.heads.values():
         head.prepare(engine.module.backbone)
