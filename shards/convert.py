@@ -24,6 +24,7 @@ from PIL import Image
 
 from shards.convert_tara import add_tara_arguments, convert_tara
 from shards.convert_toc import add_toc_arguments, convert_toc
+from shards.jsonl import json_lines
 from shards.writer import ShardSetWriter
 
 LOGGER = logging.getLogger("multiclip.shards")
@@ -165,15 +166,8 @@ def csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
 
 def jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
     """(line number, row); a line that is not a JSON object comes back as None. Blank lines are not rows."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                row = None
-            yield number, row if isinstance(row, dict) else None
+    for number, row in json_lines(Path(path).read_text(encoding="utf-8")):
+        yield number, row if isinstance(row, dict) else None
 
 
 ROW_READERS: dict[str, Callable[[Path], Iterator[tuple[int, dict[str, Any] | None]]]] = {

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 from urllib.parse import unquote, urlsplit
 
+from shards.jsonl import json_lines
 from shards.writer import existing_shards
 
 if TYPE_CHECKING:
@@ -86,13 +87,7 @@ def json_document_rows(document: Any) -> Iterator[tuple[dict[str, Any], Any]]:
 
 def json_lines_rows(text: str) -> Iterator[tuple[dict[str, Any], Any]]:
     """(reference, row) per non-blank line; an unparseable line comes back as None (counted as bad_row)."""
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
+    for number, row in json_lines(text):
         yield {"row": number}, row
 
 

@@ -29,6 +29,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Iterator
 
+from shards.jsonl import json_lines
 from shards.synth_time import hour_label, time_caption
 
 if TYPE_CHECKING:
@@ -72,13 +73,7 @@ def metadata_rows(path: Path) -> Iterator[tuple[int, Any]]:
             raise ValueError(f"{path}: metadata starts a JSON list but does not parse: {exc}") from exc
         yield from enumerate(rows, start=1)
         return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except ValueError:
-            yield number, None
+    yield from json_lines(text)
 
 
 def resolve_image(images: Path, ground_path: str) -> Path:
