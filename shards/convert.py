@@ -13,117 +13,18 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
-
-from PIL import Image
 
 from shards.convert_tara import add_tara_arguments, convert_tara
 from shards.convert_toc import add_toc_arguments, convert_toc
 from shards.jsonl import json_lines
-from shards.writer import ShardSetWriter
+from shards.records import EXTENSION_ALIASES, SkipRecord, SourceRecord, write_records
 
-LOGGER = logging.getLogger("multiclip.shards")
-SUMMARY_FILE = "summary.json"
-EXTENSION_ALIASES = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "webp": "webp"}
 DEFAULT_CAPTION_TEMPLATE = "a photo of a {label}"
-
-
-class SkipRecord(Exception):
-    """A source record that cannot become a sample, with the reason summary.json counts it under."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class SourceRecord:
-    """One would-be sample: where its image is, what it says, and how to name it in ``source``."""
-
-    image_path: Path
-    source: str
-    caption: str
-    label: str
-    extra: dict[str, Any] = field(default_factory=dict)
-    task: str = "retrieval"
-
-
-@dataclass
-class Summary:
-    """Counts for summary.json: every record read is either written or skipped for one reason."""
-
-    read: int = 0
-    written: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
-
-    def skip(self, reason: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"read": self.read, "written": self.written, "skipped": dict(sorted(self.skipped.items()))}
-
-
-# --------------------------------------------------------------------------- shared: images and writing
-
-
-def image_extension(path: Path) -> str:
-    """Normalised extension, or a SkipRecord for formats the sample layout does not allow."""
-    extension = path.suffix.lower().lstrip(".")
-    if extension not in EXTENSION_ALIASES:
-        raise SkipRecord("unsupported_image", f"{path}: extension {path.suffix!r} is not jpg, jpeg, png or webp")
-    return EXTENSION_ALIASES[extension]
-
-
-def read_verified_image(path: Path) -> bytes:
-    """The file's bytes, after a full decode proves they are a usable image."""
-    try:
-        data = path.read_bytes()
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        raise SkipRecord("missing_image", f"{path}: {exc}") from exc
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise SkipRecord("corrupt_image", f"{path}: {exc}") from exc
-    return data
-
-
-def load_record(record: SourceRecord | SkipRecord) -> tuple[str, bytes]:
-    """(extension, verified bytes) of a record's image; raises SkipRecord for anything unusable."""
-    if isinstance(record, SkipRecord):
-        raise record
-    return image_extension(record.image_path), read_verified_image(record.image_path)
-
-
-def sample_meta(record: SourceRecord) -> dict[str, Any]:
-    return {"task": record.task, "caption": record.caption, "label": record.label, "source": record.source,
-            **record.extra}
-
-
-def write_records(
-    records: Iterator[SourceRecord | SkipRecord], out: Path, shard_size: int, overwrite: bool
-) -> dict[str, Any]:
-    """Verify and write every record, count the rest by reason; writes summary.json and returns it."""
-    summary = Summary()
-    with ShardSetWriter(out, shard_size, overwrite=overwrite) as writer:
-        for record in records:
-            summary.read += 1
-            try:
-                extension, data = load_record(record)
-            except SkipRecord as skip:
-                LOGGER.warning("skipped record: reason=%s %s", skip.reason, skip)
-                summary.skip(skip.reason)
-                continue
-            writer.write(f"{summary.written:09d}", {extension: data}, sample_meta(record))
-            summary.written += 1
-    result = summary.as_dict()
-    (out / SUMMARY_FILE).write_text(json.dumps(result, indent=2) + "\n")
-    return result
 
 
 # --------------------------------------------------------------------------- folder: one subfolder per class

@@ -20,14 +20,13 @@ import json
 import re
 import tarfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import unquote, urlsplit
 
 from shards.jsonl import json_lines
+from shards.records import SkipRecord, SourceRecord, write_records
 from shards.writer import existing_shards
 
-if TYPE_CHECKING:
-    from shards.convert import SkipRecord, SourceRecord
 
 TASK = "geo_time"
 LABELS_FILE = "labels.json"
@@ -152,7 +151,6 @@ def suggestion(row: dict[str, Any], field: str, normalise: Callable[[Any], str |
 
 def tara_record(reference: dict[str, Any], row: Any, images: Path) -> SourceRecord | SkipRecord:
     """One TARA row to a record; problems become SkipRecords so they are counted, not raised."""
-    from shards.convert import SkipRecord, SourceRecord
 
     where = ", ".join(f"{key} {value}" for key, value in reference.items())
     if not isinstance(row, dict):
@@ -217,7 +215,6 @@ def convert_tara(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """TARA-style records to geo_time shards; writes summary.json and labels.json, returns the summary."""
-    from shards.convert import write_records
 
     records, images, out = Path(records), Path(images), Path(out)
     if not records.is_file():

@@ -12,7 +12,7 @@ conversion, because local time is what the light in the picture follows. A recor
 parse as a real date and time (month 13, hour 25, empty, missing, not a string) is skipped as
 ``bad_time`` rather than put in a wrong bin; a record that is not an object or has no ``ground_path`` is
 ``bad_row``. Images are verified and counted (``missing_image``, ``corrupt_image``,
-``unsupported_image``) by ``shards.convert.write_records``.
+``unsupported_image``) by ``shards.records.write_records``.
 
 The published retrieval split is two metadata files, queries and database; convert them by two runs
 into two shard sets::
@@ -27,16 +27,12 @@ import json
 import re
 from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from shards.jsonl import json_lines
+from shards.records import SkipRecord, SourceRecord, write_records
 from shards.synth_time import hour_label, time_caption
 
-if TYPE_CHECKING:
-    from shards.convert import SkipRecord, SourceRecord
-
-# shards.convert imports this module to register "toc" in CONVERTERS, so its machinery (SourceRecord,
-# SkipRecord, write_records) is imported where it is used: either module can then be imported first.
 
 TASK = "time"
 # "2010-05-13 17:49:28.0": date, then hour:minute, optional seconds and fraction. Ranges are checked by
@@ -88,7 +84,6 @@ def resolve_image(images: Path, ground_path: str) -> Path:
 
 def toc_record(number: int, row: Any, images: Path) -> SourceRecord | SkipRecord:
     """One metadata record to a sample record; problems become SkipRecords so they are counted, not raised."""
-    from shards.convert import SkipRecord, SourceRecord
 
     ground_path = row.get("ground_path") if isinstance(row, dict) else None
     if not isinstance(ground_path, str) or not ground_path.strip():
@@ -123,7 +118,6 @@ def convert_toc(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """TOC metadata (JSON list or lines) + image folder to a "time" shard set; returns summary.json."""
-    from shards.convert import write_records
 
     metadata, images = Path(metadata), Path(images)
     if not metadata.is_file():

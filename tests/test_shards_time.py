@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shards import convert, synth
+from shards import convert, records, synth
 from shards.convert_toc import add_toc_arguments, convert_toc, parse_local_time
 from shards.reader import make_eval_loader
 from shards.synth_time import MONTH_NAMES, describe_time, draw_time_scene, make_time_sample
@@ -210,7 +210,7 @@ def test_convert_toc_json_list(tmp_path, toc_dataset):
     metadata.write_text(json.dumps(toc_dataset["rows"], indent=4))
     summary = convert_toc(metadata, toc_dataset["images"], tmp_path / "out", shard_size=2)
     assert summary == toc_dataset["expected"]
-    assert json.loads((tmp_path / "out" / convert.SUMMARY_FILE).read_text()) == summary
+    assert json.loads((tmp_path / "out" / records.SUMMARY_FILE).read_text()) == summary
     check_good_samples(read_samples(tmp_path / "out"))
     with pytest.raises(FileExistsError):
         convert_toc(metadata, toc_dataset["images"], tmp_path / "out")

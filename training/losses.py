@@ -1,9 +1,25 @@
 """Losses shared by tasks: multi-positive InfoNCE and the cross-rank feature gather it needs."""
 from __future__ import annotations
 
+import math
+import zlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+
+MAX_LOGIT_SCALE = math.log(100)  # CLIP's cap on the learned temperature
+
+
+def logit_scale(log_scale: torch.Tensor) -> torch.Tensor:
+    """exp of a learned log logit scale, capped at 100 as in CLIP."""
+    return log_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
+
+def text_id(text: str) -> int:
+    """A stable integer id of a text (case and outer spaces ignored), so ranks can compare texts cheaply."""
+    return zlib.crc32(text.strip().lower().encode("utf-8"))
 
 
 def multi_positive_infonce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:

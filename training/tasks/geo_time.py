@@ -23,7 +23,7 @@ from torch import nn
 
 from training import knowledge, metrics
 from training.config import ConfigError
-from training.losses import gather_across_ranks, symmetric_infonce
+from training.losses import gather_across_ranks, logit_scale, symmetric_infonce, text_id
 from training.model import Backbone
 from training.registry import register_task
 from training.tasks.base import Task, TaskOptions
@@ -107,7 +107,7 @@ class GeoTimeTask(Task):
             raise ConfigError(f"geo_time: stage={options.stage!r} needs knowledge_corpus and labels_file")
         visual = backbone.model.visual
         check_vit(visual)
-        k, width = options.num_cls_tokens, visual.class_embedding.shape[-1]
+        k = options.num_cls_tokens
         start = (visual.class_embedding + visual.positional_embedding[0]).detach()
         self.extra_tokens = nn.Parameter(start.repeat(len(QUANTITIES) * k, 1).clone())
         self.token_proj = nn.Parameter(visual.proj.detach().repeat(len(QUANTITIES) * k, 1, 1).clone())
@@ -189,7 +189,7 @@ class GeoTimeTask(Task):
             if self.options.stage != "quantity":
                 fused = self.fuse_knowledge(q, image, tokens[q].detach())
                 target = self._candidate_index(q, batch[f"{q}_label"], image.device)
-                logits = self.relevance_logit_scale.exp() * self.knowledge_scores(
+                logits = logit_scale(self.relevance_logit_scale) * self.knowledge_scores(
                     tokens[q].detach(), fused, self.candidate_emb[q])
                 losses[f"{q}_relevance_loss"] = F.cross_entropy(logits, target)
                 report[f"{q}_relevance_acc"] = float((logits.argmax(1) == target).float().mean())
@@ -215,9 +215,9 @@ class GeoTimeTask(Task):
     def _quantity_loss(self, backbone, tokens: torch.Tensor, batch, quantity: str) -> torch.Tensor:
         """Each [CLS] token against the batch's label prompts (same label = positive), across ranks."""
         prompts = F.normalize(backbone(text=batch[f"{quantity}_prompt"])["text_features"], dim=-1)
-        ids = torch.tensor([hash_label(x) for x in batch[f"{quantity}_label"]], device=prompts.device)
+        ids = torch.tensor([text_id(x) for x in batch[f"{quantity}_label"]], device=prompts.device)
         prompts, ids = gather_across_ranks(prompts, True), gather_across_ranks(ids, False)
-        scale = self.logit_scale.clamp(max=math.log(100)).exp()
+        scale = logit_scale(self.logit_scale)
         per_token = [symmetric_infonce(gather_across_ranks(tokens[:, i], True), prompts, ids, scale)
                      for i in range(tokens.shape[1])]
         return torch.stack(per_token).mean()
@@ -254,12 +254,6 @@ class GeoTimeTask(Task):
             for name in ("base", "knowledge"):
                 result[f"{q}_top1_{name}_chance"] = 1 / len(candidates)
         return result
-
-
-def hash_label(label: str) -> int:
-    import zlib
-
-    return zlib.crc32(label.encode("utf-8"))
 
 
 def score_predictions(quantity: str, predictions: list[str], golds: list[str], name: str) -> dict[str, float]:

@@ -8,7 +8,6 @@ original work's candidate-batch precision/recall/F1 (cosine similarity, threshol
 from __future__ import annotations
 
 import math
-import zlib
 from typing import Any, Iterable
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training import metrics
-from training.losses import gather_across_ranks, symmetric_infonce
+from training.losses import gather_across_ranks, logit_scale, symmetric_infonce, text_id
 from training.model import Backbone
 from training.registry import register_task
 from training.tasks.base import Task, TaskOptions
@@ -30,11 +29,6 @@ class RetrievalOptions(TaskOptions):
     candidate_batch_size: int = 10  # N candidates per batch in the candidate-batch protocol
     candidate_threshold: float = 0.25  # cosine at or above which a candidate counts as retrieved
     candidate_batches: int = 200  # batches drawn for the candidate-batch protocol
-
-
-def caption_id(caption: str) -> int:
-    """A stable integer id of a caption, so ranks can tell duplicate captions apart cheaply."""
-    return zlib.crc32(caption.strip().lower().encode("utf-8"))
 
 
 @register_task("retrieval")
@@ -58,7 +52,7 @@ class RetrievalTask(Task):
             "task": "retrieval",
             "image": preprocess(sample["image"]),
             "text": backbone.tokenizer([caption])[0],
-            "caption_id": caption_id(caption),
+            "caption_id": text_id(caption),
             "caption": caption,
             "label": meta.get("label", caption),
             "key": sample["__key__"],
@@ -75,7 +69,7 @@ class RetrievalTask(Task):
         if self.options.gather_across_ranks:
             image, text = gather_across_ranks(image, True), gather_across_ranks(text, True)
             ids = gather_across_ranks(ids, False)
-        scale = self.logit_scale.clamp(max=math.log(100)).exp()
+        scale = logit_scale(self.logit_scale)
         loss = symmetric_infonce(image, text, ids, scale)
         return {"contrastive_loss": loss}, {"logit_scale": float(scale.detach())}
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training import metrics
+from training.losses import logit_scale
 from training.model import Backbone
 from training.registry import register_task
 from training.tasks.base import Task, TaskOptions
@@ -93,9 +94,9 @@ class TimeTask(Task):
         return F.normalize(self.adapter(features), dim=-1)
 
     def _logits(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {"hour": self.hour_logit_scale.clamp(max=math.log(100)).exp() * image @ self.hour_encoder().T}
+        out = {"hour": logit_scale(self.hour_logit_scale) * image @ self.hour_encoder().T}
         if self.options.predict_month:
-            out["month"] = self.month_logit_scale.clamp(max=math.log(100)).exp() * image @ self.month_encoder().T
+            out["month"] = logit_scale(self.month_logit_scale) * image @ self.month_encoder().T
         return out
 
     def training_forward(self, backbone, batch):
