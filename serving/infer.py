@@ -364,6 +364,21 @@ def batched(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
         yield batch
 
 
+def load_batch(pool: ThreadPoolExecutor, batch: list[Item], load: Callable[[Item], Any], errors,
+               counts: dict[str, int], bar) -> list[tuple[Item, Any]]:
+    """Load a batch in the thread pool; a failed item (its loader returns the reason) goes to errors.jsonl."""
+    loaded = list(pool.map(load, batch))
+    good = [(it, x) for it, x in zip(batch, loaded) if not isinstance(x, str)]
+    for it, x in zip(batch, loaded):
+        if isinstance(x, str):
+            LOG.warning("skipped %s %s: %s", it.source, it.key, x)
+            errors.write(json.dumps({"key": it.key, "source": it.source, "error": x}) + "\n")
+    counts["items"] += len(batch)
+    counts["errors"] += len(batch) - len(good)
+    bar.update(len(batch))
+    return good
+
+
 def infer_images(model: ExportedModel, items: Iterable[Item], tasks: list[str] | None, out_dir: str | Path,
                  settings: Settings = Settings(), batch_size: int = 64, workers: int = 4,
                  total: int | None = None) -> dict[str, Any]:
@@ -386,15 +401,7 @@ def infer_images(model: ExportedModel, items: Iterable[Item], tasks: list[str] |
     counts = {"items": 0, "predicted": 0, "errors": 0}
     with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=total, unit="img", desc="infer") as bar:
         for batch in batched(items, batch_size):
-            loaded = list(pool.map(lambda it: load_pixels(it, model.preprocess), batch))
-            good = [(it, px) for it, px in zip(batch, loaded) if not isinstance(px, str)]
-            for it, px in zip(batch, loaded):
-                if isinstance(px, str):
-                    LOG.warning("skipped %s %s: %s", it.source, it.key, px)
-                    errors_file.write(json.dumps({"key": it.key, "source": it.source, "error": px}) + "\n")
-            counts["items"] += len(batch)
-            counts["errors"] += len(batch) - len(good)
-            bar.update(len(batch))
+            good = load_batch(pool, batch, lambda it: load_pixels(it, model.preprocess), errors_file, counts, bar)
             if not good:
                 continue
             pixels = np.stack([px for _, px in good])
@@ -438,14 +445,7 @@ def infer_contextual(model: ExportedModel, items: Iterable[Item], out_dir: str |
     with (out_dir / "contextual.jsonl").open("w") as out, (out_dir / "errors.jsonl").open("a") as errors, \
             ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=total, unit="set", desc="contextual") as bar:
         for batch in batched(items, batch_size):
-            loaded = list(pool.map(lambda it: load_set(it, model.preprocess, size), batch))
-            good = [(it, x) for it, x in zip(batch, loaded) if not isinstance(x, str)]
-            for it, x in zip(batch, loaded):
-                if isinstance(x, str):
-                    errors.write(json.dumps({"key": it.key, "source": it.source, "error": x}) + "\n")
-            counts["items"] += len(batch)
-            counts["errors"] += len(batch) - len(good)
-            bar.update(len(batch))
+            good = load_batch(pool, batch, lambda it: load_set(it, model.preprocess, size), errors, counts, bar)
             if not good:
                 continue
             pixels = np.concatenate([x[0] for _, x in good])
@@ -532,15 +532,7 @@ def infer_meme(model: ExportedModel, items: Iterable[Item], out_dir: str | Path,
     with (out_dir / "errors.jsonl").open("a") as errors, ThreadPoolExecutor(max(1, workers)) as pool, \
             tqdm(total=total, unit="meme", desc="meme") as bar:
         for batch in batched(items, batch_size):
-            loaded = list(pool.map(lambda it: load_meme(it, model.preprocess), batch))
-            good = [(it, x) for it, x in zip(batch, loaded) if not isinstance(x, str)]
-            for it, x in zip(batch, loaded):
-                if isinstance(x, str):
-                    LOG.warning("skipped %s %s: %s", it.source, it.key, x)
-                    errors.write(json.dumps({"key": it.key, "source": it.source, "error": x}) + "\n")
-            counts["items"] += len(batch)
-            counts["errors"] += len(batch) - len(good)
-            bar.update(len(batch))
+            good = load_batch(pool, batch, lambda it: load_meme(it, model.preprocess), errors, counts, bar)
             if not good:
                 continue
             pixels, query, context, emotion = (list(column) for column in zip(*(x for _, x in good)))

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
+from shards.shapes import draw_shape
 from shards.writer import ShardSetWriter, encode_image
 
 # Saturated object colours; every one has a channel >= 200, backgrounds stay below 100 in every channel.
@@ -160,22 +161,6 @@ def object_box(rng: random.Random, obj: SceneObject, image_size: int) -> tuple[f
     x0 = column * cell + rng.uniform(0, cell - extent)
     y0 = row * cell + rng.uniform(0, cell - extent)
     return x0, y0, extent
-
-
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, x0: float, y0: float, extent: float, fill: tuple) -> None:
-    x1, y1 = x0 + extent, y0 + extent
-    if shape == "circle":
-        draw.ellipse((x0, y0, x1, y1), fill=fill)
-    elif shape == "square":
-        draw.rectangle((x0, y0, x1, y1), fill=fill)
-    elif shape == "triangle":
-        draw.polygon([(x0 + extent / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-    elif shape == "cross":
-        bar = extent / 3
-        draw.rectangle((x0, y0 + bar, x1, y0 + 2 * bar), fill=fill)
-        draw.rectangle((x0 + bar, y0, x0 + 2 * bar, y1), fill=fill)
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
 
 
 def draw_scene(rng: random.Random, objects: list[SceneObject], image_size: int) -> Image.Image:

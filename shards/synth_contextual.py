@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from shards.shapes import draw_shape
 from shards.writer import encode_image
 
 NUM_FRAMES = 10
@@ -112,20 +113,6 @@ def background(rng: random.Random, size: int) -> np.ndarray:
     ramp = np.linspace(0.0, 1.0, size)
     weights = ramp[None, :, None] if rng.random() < 0.5 else ramp[:, None, None]
     return np.broadcast_to(start + (end - start) * weights, (size, size, 3)).copy()
-
-
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, x0: float, y0: float, extent: float, fill: tuple) -> None:
-    x1, y1 = x0 + extent, y0 + extent
-    if shape == "circle":
-        draw.ellipse((x0, y0, x1, y1), fill=fill)
-    elif shape == "square":
-        draw.rectangle((x0, y0, x1, y1), fill=fill)
-    elif shape == "triangle":
-        draw.polygon([(x0 + extent / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-    else:  # cross
-        bar = extent / 3
-        draw.rectangle((x0, y0 + bar, x1, y0 + 2 * bar), fill=fill)
-        draw.rectangle((x0 + bar, y0, x0 + 2 * bar, y1), fill=fill)
 
 
 def draw_frame(rng: random.Random, backdrop: np.ndarray, distractor: tuple, main: tuple) -> Image.Image:

@@ -17,6 +17,15 @@ def logit_scale(log_scale: torch.Tensor) -> torch.Tensor:
     return log_scale.clamp(max=MAX_LOGIT_SCALE).exp()
 
 
+def initial_log_logit_scale(configured: float | None, backbone) -> float:
+    """A head's starting log logit scale: the configured value, else the backbone's own, else CLIP's 1/0.07."""
+    if configured is not None:
+        return float(configured)
+    if hasattr(backbone.model, "logit_scale"):
+        return float(backbone.model.logit_scale.detach())
+    return math.log(1 / 0.07)
+
+
 def text_id(text: str) -> int:
     """A stable integer id of a text (case and outer spaces ignored), so ranks can compare texts cheaply."""
     return zlib.crc32(text.strip().lower().encode("utf-8"))

@@ -20,14 +20,13 @@ of the same backbone, each overall, on video sets and on static sets, with chanc
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.losses import gather_across_ranks, logit_scale, symmetric_infonce, text_id
+from training.losses import gather_across_ranks, initial_log_logit_scale, logit_scale, symmetric_infonce, text_id
 from training.model import Backbone
 from training.registry import register_task
 from training.tasks.base import Task, TaskOptions
@@ -104,11 +103,7 @@ class ContextualTask(Task):
 
     def __init__(self, options: ContextualOptions, backbone: Backbone):
         super().__init__(options, backbone)
-        init = options.init_logit_scale
-        if init is None:
-            init = float(backbone.model.logit_scale.detach()) if hasattr(backbone.model, "logit_scale") \
-                else math.log(1 / 0.07)
-        self.logit_scale = nn.Parameter(torch.tensor(float(init)))
+        self.logit_scale = nn.Parameter(torch.tensor(initial_log_logit_scale(options.init_logit_scale, backbone)))
         if options.mode == "contextual":
             self.head = ContextualHead(backbone.embed_dim, options)
 

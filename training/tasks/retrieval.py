@@ -7,7 +7,6 @@ original work's candidate-batch precision/recall/F1 (cosine similarity, threshol
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable
 
 import torch
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training import metrics
-from training.losses import gather_across_ranks, logit_scale, symmetric_infonce, text_id
+from training.losses import gather_across_ranks, initial_log_logit_scale, logit_scale, symmetric_infonce, text_id
 from training.model import Backbone
 from training.registry import register_task
 from training.tasks.base import Task, TaskOptions
@@ -37,11 +36,7 @@ class RetrievalTask(Task):
 
     def __init__(self, options: RetrievalOptions, backbone: Backbone):
         super().__init__(options, backbone)
-        init = options.init_logit_scale
-        if init is None:
-            init = float(backbone.model.logit_scale.detach()) if hasattr(backbone.model, "logit_scale") \
-                else math.log(1 / 0.07)
-        self.logit_scale = nn.Parameter(torch.tensor(float(init)))
+        self.logit_scale = nn.Parameter(torch.tensor(initial_log_logit_scale(options.init_logit_scale, backbone)))
         self.tokenizer = backbone.tokenizer  # for zero-shot class prompts at evaluation
 
     def map_sample(self, sample: dict[str, Any], backbone: Backbone, train: bool) -> dict[str, Any]:
