@@ -27,6 +27,26 @@ def test_exact_topk_equals_knowledge_search_with_ties():
     assert ids[-1, :3].tolist() == [10, 2500, 2999]
 
 
+def test_int8_candidates_are_certified_or_searched_again():
+    """Both passes equal the fp32 reference: near-duplicates that int8 cannot separate go to pass 2."""
+    from serving.search import QuantizedCorpus, exact_topk
+
+    rng = np.random.default_rng(1)
+    corpus = rng.standard_normal((5000, 32)).astype(np.float32)
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    corpus[4000:4200] = corpus[7] + 1e-4 * rng.standard_normal((200, 32)).astype(np.float32)  # 201 near-ties
+    queries = np.concatenate([rng.standard_normal((60, 32)).astype(np.float32), corpus[7:8]])
+    prepared = QuantizedCorpus(corpus)
+    scores, ids = exact_topk(queries, prepared, k=5, block_size=1024)
+    assert prepared.last_stats["pass1"] >= 55 and prepared.last_stats["pass2"] >= 1
+    ref_scores, ref_ids = knowledge.search(torch.from_numpy(queries), torch.from_numpy(corpus), k=5)
+    assert np.array_equal(ids, ref_ids.numpy())
+    np.testing.assert_allclose(scores, ref_scores.numpy(), atol=1e-6)
+    prepared.max_pass2_rows = 100  # more near-ties than pass 2 takes: that query is searched in fp32
+    assert np.array_equal(exact_topk(queries, prepared, k=5, block_size=1024)[1], ref_ids.numpy())
+    assert prepared.last_stats["fp32"] >= 1
+
+
 @pytest.fixture
 def local_ray(tmp_path):
     import ray
