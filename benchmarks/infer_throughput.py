@@ -2,8 +2,10 @@
 
     python benchmarks/infer_throughput.py --configs tiny-vit ViT-B-32 --batches 1 32 --rounds 3
 
-CPU: open_clip's image tower with random weights (no downloads), fp32, exported with
-serving.export (the same code as launch/export.py). Each round measures every (config, batch,
+CPU: open_clip's image tower with random weights (no downloads), exported with serving.export (the
+same code as launch/export.py), in fp32 and as the int8 copy of ``export --int8`` (dynamic
+quantisation, checked by cosine to fp32), against torch eager fp32 and torch's own dynamic int8
+quantisation of the Linear layers. Each round measures every (config, batch,
 backend) once, alternating torch and onnxruntime, so background load hits both alike; the figure is
 the median images/s over rounds. Both use the same thread count (``--threads``, default: the cores
 this process may use); onnxruntime runs with ORT_ENABLE_ALL, sequential execution, inter-op 1.
@@ -46,11 +48,11 @@ def build(name: str) -> torch.nn.Module:
     return model.eval()
 
 
-def export_image_encoder(model: torch.nn.Module, out: Path, fp16: bool = False) -> dict:
+def export_image_encoder(model: torch.nn.Module, out: Path, fp16: bool = False, int8: bool = False) -> dict:
     size = model.visual.image_size
     size = size if isinstance(size, int) else size[0]
     graph = Graph("image_encoder", ImageEncoder(model), {"pixels": torch.randn(4, 3, size, size)}, ["image_features"])
-    return export_graph(graph, out, fp16=fp16)
+    return export_graph(graph, out, (("fp16",) if fp16 else ()) + (("int8",) if int8 else ()))
 
 
 def images_per_s(fn, batch: int, min_seconds: float, min_iters: int) -> float:
@@ -62,34 +64,50 @@ def images_per_s(fn, batch: int, min_seconds: float, min_iters: int) -> float:
     return done * batch / (time.perf_counter() - start)
 
 
-def cpu_benchmark(args) -> list[dict]:
+def torch_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """torch's own dynamic int8 quantisation of the Linear layers: what a torch user would reach for."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def cpu_setup(name: str, out: Path, threads: int) -> dict:
+    """The four CPU runners of one config: torch and onnxruntime, fp32 and dynamic int8."""
+    model = build(name)
+    entry = export_image_encoder(model, out, int8=True)
+    options = RuntimeOptions(providers=("cpu",), intra_op_threads=threads, optimization="all")
+    size = model.visual.image_size
+    return {"model": model, "int8_model": torch_int8(model), "size": size if isinstance(size, int) else size[0],
+            "session": Session(out / entry["file"], options), "int8_session": Session(out / entry["int8"]["file"], options),
+            "int8_cosine": entry["int8"]["min_cosine_to_fp32"]}
+
+
+def cpu_benchmark(args) -> tuple[list[dict], dict]:
     torch.set_num_threads(args.threads)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         setups = {}
         for name in args.configs:
-            model = build(name)
-            out = Path(tmp) / name
-            out.mkdir()
-            entry = export_image_encoder(model, out)
-            options = RuntimeOptions(providers=("cpu",), intra_op_threads=args.threads, optimization="all")
-            setups[name] = (model, Session(out / entry["file"], options), int(model.visual.image_size[0]
-                            if isinstance(model.visual.image_size, (tuple, list)) else model.visual.image_size))
+            (Path(tmp) / name).mkdir()
+            setups[name] = cpu_setup(name, Path(tmp) / name, args.threads)
         samples: dict[tuple, list[float]] = {}
         for round_ in range(args.rounds):
-            for name, (model, session, size) in setups.items():
+            for name, setup in setups.items():
                 for batch in args.batches:
-                    x = np.random.default_rng(round_).standard_normal((batch, 3, size, size), dtype=np.float32)
+                    x = np.random.default_rng(round_).standard_normal((batch, 3, setup["size"], setup["size"]),
+                                                                      dtype=np.float32)
                     xt = torch.from_numpy(x)
 
-                    def run_torch():
+                    def run_torch(model):
                         with torch.inference_mode():
                             model.encode_image(xt)
 
-                    def run_ort():
-                        session.run(pixels=x)
-
-                    order = [("torch", run_torch), ("onnxruntime", run_ort)]
+                    order = [("torch", lambda: run_torch(setup["model"])),
+                             ("onnxruntime", lambda: setup["session"].run(pixels=x)),
+                             ("torch int8", lambda: run_torch(setup["int8_model"])),
+                             ("onnxruntime int8", lambda: setup["int8_session"].run(pixels=x))]
                     for backend, fn in (order if round_ % 2 == 0 else order[::-1]):  # alternate who goes first
                         ips = images_per_s(fn, batch, args.min_seconds, args.min_iters)
                         samples.setdefault((name, batch, backend), []).append(ips)
@@ -97,7 +115,8 @@ def cpu_benchmark(args) -> list[dict]:
         for (name, batch, backend), values in samples.items():
             results.append({"config": name, "batch": batch, "backend": backend, "images_per_s": statistics.median(values),
                             "rounds": values})
-    return results
+        cosines = {name: setup["int8_cosine"] for name, setup in setups.items()}
+    return results, cosines
 
 
 def gpu_benchmark(args) -> list[dict] | str:
@@ -142,10 +161,16 @@ def gpu_benchmark(args) -> list[dict] | str:
 
 
 def speedups(cpu: list[dict]) -> list[dict]:
+    """Per config and batch: images/s of each backend and the ratios at equal precision (and int8 vs fp32 torch)."""
     table = {(r["config"], r["batch"], r["backend"]): r["images_per_s"] for r in cpu}
-    return [{"config": c, "batch": b, "torch": table[(c, b, "torch")], "onnxruntime": table[(c, b, "onnxruntime")],
-             "speedup": table[(c, b, "onnxruntime")] / table[(c, b, "torch")]}
-            for (c, b, backend) in table if backend == "torch"]
+    rows = []
+    for config, batch in sorted({(c, b) for c, b, _ in table}):
+        ips = {backend: table[(config, batch, backend)] for c, b, backend in table if (c, b) == (config, batch)}
+        rows.append({"config": config, "batch": batch, **ips,
+                     "onnxruntime_vs_torch_fp32": ips["onnxruntime"] / ips["torch"],
+                     "onnxruntime_vs_torch_int8": ips["onnxruntime int8"] / ips["torch int8"],
+                     "onnxruntime_int8_vs_torch_fp32": ips["onnxruntime int8"] / ips["torch"]})
+    return rows
 
 
 def main() -> int:
@@ -161,14 +186,15 @@ def main() -> int:
     parser.add_argument("--out", help="results JSON")
     args = parser.parse_args()
     load_before = os.getloadavg()
-    cpu = cpu_benchmark(args)
+    cpu, int8_cosines = cpu_benchmark(args)
     gpu = gpu_benchmark(args)
     report = {"settings": {"threads": args.threads, "ort_graph_optimization": "ORT_ENABLE_ALL", "ort_inter_op_threads": 1,
                            "torch": torch.__version__, "onnxruntime": ort.__version__, "rounds": args.rounds,
                            "min_seconds": args.min_seconds, "cpu_count": os.cpu_count()},
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "cpu": cpu, "cpu_speedup": speedups(cpu), "gpu": gpu}
+              "cpu": cpu, "cpu_speedup": speedups(cpu), "int8_min_cosine_to_fp32": int8_cosines, "gpu": gpu}
     print(json.dumps(report["cpu_speedup"], indent=1))
+    print("int8 cosine to fp32:", int8_cosines)
     print("GPU:", gpu if isinstance(gpu, str) else json.dumps(gpu, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))

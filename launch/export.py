@@ -1,6 +1,6 @@
 """Export a training run to ONNX for torch-free batch inference (see serving/export.py).
 
-    python launch/export.py --checkpoint runs/retrieval_tiny --out exports/retrieval_tiny [--fp16]
+    python launch/export.py --checkpoint runs/retrieval_tiny --out exports/retrieval_tiny [--fp16] [--int8]
 
 Writes the image and text encoders, each head's inference graphs, the tokenizer, preprocessing,
 label sets and a manifest; every graph is checked against torch with onnxruntime (exit 1 if not).
@@ -21,20 +21,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="run folder holding final/")
     parser.add_argument("--out", required=True, help="export folder")
     parser.add_argument("--fp16", action="store_true", help="also write fp16 graphs (checked by cosine to fp32)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also write int8 towers for CPU inference (dynamic quantisation, checked by cosine to fp32)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("multiclip").setLevel(logging.INFO)
     from serving.export import ParityError, export_run
 
     try:
-        manifest = export_run(args.checkpoint, args.out, fp16=args.fp16)
+        manifest = export_run(args.checkpoint, args.out, fp16=args.fp16, int8=args.int8)
     except (ConfigError, FileNotFoundError) as err:
         print(f"export error: {err}", file=sys.stderr)
         return 2
     except ParityError as err:
         print(f"parity check failed: {err}", file=sys.stderr)
         return 1
-    print(json.dumps({name: {k: v for k, v in g.items() if k in ("file", "max_abs_diff_fp32", "fp16")}
+    print(json.dumps({name: {k: v for k, v in g.items() if k in ("file", "max_abs_diff_fp32", "fp16", "int8")}
                       for name, g in manifest["graphs"].items()}, indent=1))
     return 0
 

@@ -39,11 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--geo-labels", help='geo_time candidates: JSON {"location": [...], "time": [...]}')
     parser.add_argument("--providers", nargs="*", default=["tensorrt", "cuda", "cpu"])
     parser.add_argument("--fp16", action="store_true", help="fp16 graphs where exported; TensorRT fp16 engines")
+    parser.add_argument("--int8", action="store_true", help="int8 towers where exported (export --int8; CPUs)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: default)")
     parser.add_argument("--workers", type=int, default=4, help="image decoding threads")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = RuntimeOptions(providers=tuple(args.providers), fp16=args.fp16, intra_op_threads=args.threads)
+    options = RuntimeOptions(providers=tuple(args.providers), fp16=args.fp16, int8=args.int8,
+                             intra_op_threads=args.threads)
     try:
         model = ExportedModel(args.model, options)
         if args.queries:

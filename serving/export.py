@@ -10,7 +10,7 @@ What a run becomes (``launch/export.py --checkpoint runs/<run> --out DIR``):
     DIR/manifest.json        preprocessing, tokenizer, graphs (I/O, parity), task metadata, versions, hashes
 
 Every graph has a dynamic batch axis and is checked against torch with onnxruntime right after
-export on fixed inputs (max |diff| <= 1e-4 in fp32; cosine >= 0.999 for the optional fp16 copy);
+export on fixed inputs (max |diff| <= 1e-4 in fp32; cosine >= 0.999 for the optional fp16 and int8 copies);
 a failed check raises :class:`ParityError` and the export stops.
 
 Heads plug in through :func:`register_exporter`: an exporter turns a task module into graphs plus
@@ -44,7 +44,7 @@ from training.model import Backbone, MultiTaskModel, build_model
 LOG = logging.getLogger("multiclip.export")
 FORMAT = "multiclip-onnx/1"
 FP32_TOLERANCE = 1e-4
-FP16_MIN_COSINE = 0.999
+REDUCED_MIN_COSINE = 0.999  # fp16 and int8 copies, per item, to fp32
 MAX_BATCH = 4096
 
 
@@ -249,14 +249,36 @@ def topological_sort(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
-def check_fp16(graph: Graph, fp32_path: Path, fp16_path: Path, min_cosine: float = FP16_MIN_COSINE) -> float:
+def to_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8 quantisation of the MatMul weights (per output channel); activations quantised per batch."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = dst.with_suffix(".pre.onnx")
+    try:
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=False)
+    except Exception as err:  # noqa: BLE001  (the pre-pass only helps; quantise the graph as it is)
+        LOG.warning("%s: quantisation pre-processing failed (%s); quantising without it", src.name, err)
+        shutil.copyfile(src, prepared)
+    try:
+        quantize_dynamic(str(prepared), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
+REDUCED_PRECISIONS = {"fp16": to_fp16, "int8": to_int8}
+
+
+def check_cosine(graph: Graph, fp32_path: Path, reduced_path: Path, min_cosine: float = REDUCED_MIN_COSINE) -> float:
+    """Smallest per-item cosine similarity of the reduced-precision graph's outputs to fp32's."""
     inputs = {k: v.numpy() for k, v in graph.inputs.items()}
     worst = 1.0
-    for name, a, b in zip(graph.outputs, _run_onnx(fp32_path, inputs), _run_onnx(fp16_path, inputs)):
+    for name, a, b in zip(graph.outputs, _run_onnx(fp32_path, inputs), _run_onnx(reduced_path, inputs)):
         cos = row_cosines(a, b)
         worst = min(worst, float(cos.min()) if cos.size else 1.0)
     if not worst >= min_cosine:
-        raise ParityError(f"{fp16_path.name}: cosine to fp32 = {worst:.5f} < {min_cosine}")
+        raise ParityError(f"{reduced_path.name}: cosine to fp32 = {worst:.5f} < {min_cosine}")
     return worst
 
 
@@ -268,20 +290,26 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def export_graph(graph: Graph, out: Path, fp16: bool = False) -> dict[str, Any]:
-    """Export one graph, check parity, optionally add an fp16 copy; its manifest entry."""
+def export_graph(graph: Graph, out: Path, precisions: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Export one graph, check parity, add the reduced-precision copies asked for; its manifest entry.
+
+    ``precisions``: any of "fp16" (GPUs) and "int8" (CPUs: dynamic quantisation), each written as
+    ``<graph>.<precision>.onnx`` and checked by cosine similarity to fp32.
+    """
     path = out / f"{graph.name}.onnx"
     started = time.perf_counter()
     to_onnx(graph, path)
     entry = {"file": path.name, "sha256": sha256(path), "inputs": list(graph.inputs), "outputs": graph.outputs,
              "input_dtypes": {k: str(v.dtype).replace("torch.", "") for k, v in graph.inputs.items()},
              "max_abs_diff_fp32": check_fp32(graph, path)}
-    if fp16:
-        half = out / f"{graph.name}.fp16.onnx"
-        to_fp16(path, half)
-        entry["fp16"] = {"file": half.name, "sha256": sha256(half), "min_cosine_to_fp32": check_fp16(graph, path, half)}
+    for precision in precisions:
+        reduced = out / f"{graph.name}.{precision}.onnx"
+        REDUCED_PRECISIONS[precision](path, reduced)
+        entry[precision] = {"file": reduced.name, "sha256": sha256(reduced),
+                            "min_cosine_to_fp32": check_cosine(graph, path, reduced)}
     LOG.info("%s: exported in %.1fs, max |diff| %.2g%s", path.name, time.perf_counter() - started,
-             entry["max_abs_diff_fp32"], f", fp16 cosine {entry['fp16']['min_cosine_to_fp32']:.5f}" if fp16 else "")
+             entry["max_abs_diff_fp32"],
+             "".join(f", {p} cosine {entry[p]['min_cosine_to_fp32']:.5f}" for p in precisions))
     return entry
 
 
@@ -348,7 +376,7 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def export_model(model: MultiTaskModel, backbone: Backbone, out: str | Path, fp16: bool = False,
+def export_model(model: MultiTaskModel, backbone: Backbone, out: str | Path, fp16: bool = False, int8: bool = False,
                  model_name: str = "", source: str = "", tasks: list[str] | None = None) -> dict[str, Any]:
     """Export the towers and every head with a registered exporter; write and return the manifest.
 
@@ -357,6 +385,8 @@ def export_model(model: MultiTaskModel, backbone: Backbone, out: str | Path, fp1
         backbone: its :class:`Backbone` (tokenizer, transforms).
         out: output folder (created).
         fp16: also write ``<graph>.fp16.onnx`` checked by cosine to fp32.
+        int8: also write int8 towers (``image_encoder.int8.onnx``, ``text_encoder.int8.onnx``; dynamic
+            quantisation for CPUs), checked by cosine to fp32. Heads are small and stay fp32.
         tasks: heads to export (default: all of the model's).
     Raises:
         ParityError: a graph's onnxruntime outputs differ from torch's.
@@ -375,13 +405,14 @@ def export_model(model: MultiTaskModel, backbone: Backbone, out: str | Path, fp1
         "preprocess": preprocess_meta(backbone.model), "tokenizer": tokenizer_meta(backbone.tokenizer, out),
         "graphs": {}, "tasks": {}, "files": {},
     }
+    fp16_only = ("fp16",) if fp16 else ()
     for graph in backbone_graphs(backbone):
-        manifest["graphs"][graph.name] = export_graph(graph, out, fp16)
+        manifest["graphs"][graph.name] = export_graph(graph, out, fp16_only + (("int8",) if int8 else ()))
     features = ImageEncoder(backbone.model)(fixed_images(backbone)).detach()
     for task in tasks:
         head = EXPORTERS[task](model.heads[task], backbone, features)
         for graph in head.graphs:
-            manifest["graphs"][graph.name] = export_graph(graph, out, fp16)
+            manifest["graphs"][graph.name] = export_graph(graph, out, fp16_only)
         for name, array in head.arrays.items():
             np.save(out / f"{name}.npy", array)
             manifest["files"][f"{name}.npy"] = sha256(out / f"{name}.npy")
@@ -399,10 +430,11 @@ def export_model(model: MultiTaskModel, backbone: Backbone, out: str | Path, fp1
     return manifest
 
 
-def export_run(run_dir: str | Path, out: str | Path, fp16: bool = False) -> dict[str, Any]:
+def export_run(run_dir: str | Path, out: str | Path, fp16: bool = False, int8: bool = False) -> dict[str, Any]:
     """Export a finished training run (``runs/<name>``); see :func:`export_model`."""
     model, backbone, raw = load_run(run_dir)
-    return export_model(model, backbone, out, fp16, model_name=raw["model"]["name"], source=str(Path(run_dir).resolve()))
+    return export_model(model, backbone, out, fp16, int8, model_name=raw["model"]["name"],
+                        source=str(Path(run_dir).resolve()))
 
 
 # --------------------------------------------------------------------------- heads

@@ -60,8 +60,8 @@ class ExportedModel:
     def session(self, graph: str) -> Session:
         if graph not in self._sessions:
             entry = self.manifest["graphs"][graph]
-            use_fp16 = self.options.fp16 and "fp16" in entry
-            self._sessions[graph] = Session(self.dir / (entry["fp16"]["file"] if use_fp16 else entry["file"]),
+            wanted = [p for p, on in (("int8", self.options.int8), ("fp16", self.options.fp16)) if on and p in entry]
+            self._sessions[graph] = Session(self.dir / (entry[wanted[0]]["file"] if wanted else entry["file"]),
                                             self.options)
         return self._sessions[graph]
 

@@ -22,6 +22,7 @@ _reported: set[str] = set()
 class RuntimeOptions:
     providers: tuple[str, ...] = ("tensorrt", "cuda", "cpu")  # wanted, in order of preference
     fp16: bool = False  # load <graph>.fp16.onnx where exported; TensorRT builds fp16 engines
+    int8: bool = False  # load <graph>.int8.onnx where exported (the towers; for CPUs)
     trt_cache_dir: str | None = None  # TensorRT engine cache (default: <export>/trt_cache)
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
     inter_op_threads: int = 1

@@ -38,7 +38,7 @@ def trained_export(tmp_path_factory, retrieval_shards, time_shards, geo_shards) 
     raw["data"] = {"num_workers": 1, "shuffle_buffer": 100}
     proc = _train(_write_config(base, raw))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = _run([sys.executable, "launch/export.py", "--checkpoint", str(run), "--out", str(export)])
+    proc = _run([sys.executable, "launch/export.py", "--checkpoint", str(run), "--out", str(export), "--int8"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run, export
 
@@ -76,15 +76,34 @@ def test_batch_axis_is_dynamic(exported):
         assert out.shape == (batch, 64)
 
 
-def test_fp16_copy_is_checked_by_cosine(exported, tmp_path):
+def test_reduced_precision_copies_are_checked_by_cosine(exported, tmp_path):
+    """fp16 and int8 copies of the trained image tower: smaller files, cosine >= 0.999 to fp32, loadable."""
     from serving.export import Graph, ImageEncoder, export_graph, fixed_images, load_run
+    from serving.runtime import RuntimeOptions, Session
 
     run, _ = exported
     model, backbone, _ = load_run(run)
     graph = Graph("image_encoder", ImageEncoder(backbone.model), {"pixels": fixed_images(backbone)}, ["image_features"])
-    entry = export_graph(graph, tmp_path, fp16=True)
-    assert entry["fp16"]["min_cosine_to_fp32"] >= 0.999
-    assert (tmp_path / "image_encoder.fp16.onnx").stat().st_size < 0.7 * (tmp_path / "image_encoder.onnx").stat().st_size
+    entry = export_graph(graph, tmp_path, ("fp16", "int8"))
+    fp32_size = (tmp_path / "image_encoder.onnx").stat().st_size
+    for precision, max_size in (("fp16", 0.7), ("int8", 0.5)):
+        assert entry[precision]["min_cosine_to_fp32"] >= 0.999
+        assert (tmp_path / entry[precision]["file"]).stat().st_size < max_size * fp32_size
+    ops = {node.op_type for node in __import__("onnx").load(str(tmp_path / entry["int8"]["file"])).graph.node}
+    assert "DynamicQuantizeLinear" in ops or "DynamicQuantizeMatMul" in ops or "MatMulInteger" in ops
+    session = Session(tmp_path / entry["int8"]["file"], RuntimeOptions(providers=("cpu",), int8=True))
+    assert session.run(pixels=fixed_images(backbone).numpy())["image_features"].shape[0] == len(fixed_images(backbone))
+
+
+def test_reduced_precision_below_the_cosine_bound_is_loud(exported, tmp_path):
+    from serving.export import Graph, ImageEncoder, ParityError, check_cosine, export_graph, fixed_images, load_run
+
+    run, _ = exported
+    _, backbone, _ = load_run(run)
+    graph = Graph("image_encoder", ImageEncoder(backbone.model), {"pixels": fixed_images(backbone)}, ["image_features"])
+    entry = export_graph(graph, tmp_path, ("int8",))
+    with pytest.raises(ParityError, match="image_encoder.int8.onnx: cosine to fp32"):
+        check_cosine(graph, tmp_path / entry["file"], tmp_path / entry["int8"]["file"], min_cosine=1.0 + 1e-9)
 
 
 def test_parity_failure_is_loud(tmp_path):

@@ -98,6 +98,20 @@ def test_time_predictions_and_metrics_match_pytorch(exported, torch_model, onnx_
         assert value == pytest.approx(after[f"time/{key}"], abs=0.011), key  # at most 2 near-tie items of 200
 
 
+def test_int8_towers_predict_like_fp32(exported, onnx_model, time_shards, tmp_path):
+    """The int8 towers (export --int8) give the fp32 graphs' hour predictions wherever fp32 is decided."""
+    from serving.infer import ExportedModel, infer_images
+    from serving.runtime import RuntimeOptions
+
+    int8_model = ExportedModel(exported[1], RuntimeOptions(providers=("cpu",), int8=True))
+    assert int8_model.session("image_encoder").path.name == "image_encoder.int8.onnx"
+    for name, model in (("fp32", onnx_model), ("int8", int8_model)):
+        infer_images(model, _items(time_shards), ["time"], tmp_path / name, batch_size=64)
+    fp32, int8 = _jsonl(tmp_path / "fp32" / "time.jsonl"), _jsonl(tmp_path / "int8" / "time.jsonl")
+    same = np.mean([a["hour_bin"] == b["hour_bin"] for a, b in zip(fp32, int8)])
+    assert len(int8) == len(fp32) == 200 and same >= 0.95, same
+
+
 def test_retrieval_gallery_and_metrics_match_pytorch(exported, torch_model, onnx_model, retrieval_shards, tmp_path):
     from serving.infer import class_embeddings, infer_images, infer_queries
     from training.tasks.retrieval import score_retrieval
