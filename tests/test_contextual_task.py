@@ -51,11 +51,11 @@ def contextual_shards(tmp_path_factory):
 def test_contextual_head_learns_well_above_chance(contextual_shards, tmp_path):
     """The head, trained on the 10 candidates from scratch, beats chance on held-out sets; zero-shot is reported.
 
-    Not asserted yet: that it beats the same backbone's frame-by-frame cosine (in 150 steps from scratch
-    the two were level, 0.36 vs 0.37; see the task's report).
+    Not asserted: that it beats the same backbone's frame-by-frame cosine by a clear margin. It does here
+    (0.367 vs 0.343), but by 7 of 300 sets, within run-to-run noise; see docs/benchmarks.md.
     """
     run = tmp_path / "run"
-    options = {"mode": "contextual", "ffn_dim": 256, "clip_loss_weight": 1.0}
+    options = {"mode": "contextual", "ffn_dim": 256, "clip_loss_weight": 1.0, "fusion_scale": 50.0}
     raw = tiny_config(contextual_shards, run, tasks=[{"name": "contextual", "options": options}],
                       optim={"max_steps": 150, "micro_batch_size": 16, "warmup_steps": 10, "weight_decay": 0.05},
                       schedule={"log_every": 50}, eval={"max_samples": None, "batch_size": 100})

@@ -26,10 +26,10 @@ def meme_shards(tmp_path_factory) -> Path:
     return out
 
 
-def _meme_config(shards: Path, run: Path, **options) -> dict:
+def _meme_config(shards: Path, run: Path, max_steps: int = 100, **options) -> dict:
     task = {"name": "meme", "options": {"bert": str(shards / "bert-tiny"), "heads": 8, **options}}
     return tiny_config(shards, run, tasks=[task],
-                       optim={"max_steps": 100, "micro_batch_size": 32, "warmup_steps": 10, "weight_decay": 0.05},
+                       optim={"max_steps": max_steps, "micro_batch_size": 32, "warmup_steps": 10, "weight_decay": 0.05},
                        schedule={"log_every": 50}, eval={"max_samples": None, "batch_size": 200})
 
 

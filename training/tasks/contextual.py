@@ -36,7 +36,7 @@ class ContextualOptions(TaskOptions):
     mode: Literal["zero_shot", "contrastive", "contextual"] = "contextual"  # which scorer trains and is reported
     num_candidates: int = 10  # images per set (ImageCoDe: 10)
     fusion: Literal["multiply", "concat"] = "multiply"  # x0 = (s*I) (.) T, or [I; T]
-    fusion_scale: float = 1000.0  # s in the multiplicative fusion (the paper's best run)
+    fusion_scale: float = 1000.0  # s in the multiplicative fusion (the paper's best run, 512-d CLIP; tiny 64-d: 50)
     layers: int = 2  # transformer encoder layers over the set
     heads: int = 8
     ffn_dim: int = 3072
@@ -72,7 +72,7 @@ def contextual_accuracy(scores: torch.Tensor, targets: torch.Tensor, static: tor
 class ContextualHead(nn.Module):
     """ContextualCLIP: fuse text with each image, let the 10 fused vectors attend to each other, score each."""
 
-    def __init__(self, embed_dim: int, options: ContextualOptions):
+    def __init__(self, embed_dim: int, options: ContextualOptions, initial_scale: float = 1.0):
         super().__init__()
         self.fusion, self.scale = options.fusion, options.fusion_scale
         width = embed_dim * (2 if options.fusion == "concat" else 1)
@@ -85,6 +85,18 @@ class ContextualHead(nn.Module):
                                        batch_first=True, norm_first=False)
             for _ in range(options.layers))
         self.score = nn.Linear(width, 1)
+        if options.fusion == "multiply":
+            self._start_as_zero_shot(initial_scale)
+
+    def _start_as_zero_shot(self, initial_scale: float) -> None:
+        """Start as the zero-shot scorer, so training can only add what the set's context tells.
+
+        With every scorer weight initial_scale / s, the residual x0 = s * I (.) T scores initial_scale *
+        cosine(I, T); the layers' output adds nothing at first: post-LN output, with LayerNorm's initial
+        affine, sums to zero over the features."""
+        with torch.no_grad():
+            self.score.weight.fill_(initial_scale / self.scale)
+            self.score.bias.zero_()
 
     def forward(self, images: torch.Tensor, text: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
         """images [B, C, D] and text [B, D] normalised, static [B] -> scores [B, C]."""
@@ -105,7 +117,7 @@ class ContextualTask(Task):
         super().__init__(options, backbone)
         self.logit_scale = nn.Parameter(torch.tensor(initial_log_logit_scale(options.init_logit_scale, backbone)))
         if options.mode == "contextual":
-            self.head = ContextualHead(backbone.embed_dim, options)
+            self.head = ContextualHead(backbone.embed_dim, options, initial_scale=logit_scale(self.logit_scale).item())
 
     def map_sample(self, sample: dict[str, Any], backbone: Backbone, train: bool) -> dict[str, Any]:
         """All frames go through the evaluation transform: independent random crops per frame would move
