@@ -17,7 +17,18 @@ def _head(**options) -> ContextualHead:
     head = ContextualHead(16, ContextualOptions(heads=4, ffn_dim=32, dropout=0.0, fusion_scale=32.0, **options))
     with torch.no_grad():
         head.positions.normal_(std=1.0)  # large enough that ignoring or using it shows
+        head.score.weight.normal_()  # a trained scorer, not the zero-shot start (which ignores the layers)
     return head.eval()
+
+
+def test_head_starts_as_the_zero_shot_scorer():
+    """Untrained, the head scores initial_scale * cosine, whatever its layers and positions do."""
+    torch.manual_seed(0)
+    head = ContextualHead(16, ContextualOptions(heads=4, ffn_dim=32, fusion_scale=50.0), initial_scale=14.0).eval()
+    images = torch.nn.functional.normalize(torch.randn(3, 10, 16), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)
+    expected = 14.0 * torch.einsum("bcd,bd->bc", images, text)
+    assert torch.allclose(head(images, text, torch.tensor([False, True, False])), expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("fusion", ["multiply", "concat"])
