@@ -139,7 +139,7 @@ class QuantizedCorpus:
         rows, cols = torch.cat(rows), torch.cat(cols)
         counts = torch.bincount(rows, minlength=len(query))
         found = []
-        for i, (row_cols) in enumerate(torch.split(cols[torch.argsort(rows, stable=True)], counts.tolist())):
+        for i, row_cols in enumerate(torch.split(cols[torch.argsort(rows, stable=True)], counts.tolist())):
             if len(row_cols) > self.max_pass2_rows:
                 found.append((None, None))
                 continue
