@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,15 @@ def time_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def geo_shards(tmp_path_factory) -> Path:
     return _synth(tmp_path_factory, "geo_time", n_train=2400)
+
+
+def run_infer_cli(args: list[str], forbidden: tuple[str, ...]) -> subprocess.CompletedProcess:
+    """launch/infer.py with ``args`` in a fresh interpreter; it must succeed without importing ``forbidden``."""
+    script = (f"import runpy, sys; sys.argv = ['infer.py', *{args!r}];\n"
+              "try:\n    runpy.run_path('launch/infer.py', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+              f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {forbidden!r})\n"
+              "print('HEAVY', bad)")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "HEAVY []" in proc.stdout, proc.stdout[-2000:]
+    return proc

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT
+from conftest import run_infer_cli
 from test_onnx_export import trained_export
 
 
@@ -191,14 +189,8 @@ def test_bad_image_is_reported_and_the_batch_goes_on(onnx_model, tmp_path):
 def test_inference_cli_imports_no_torch(exported, time_shards, tmp_path):
     """launch/infer.py end to end in a fresh interpreter: predictions written, torch never imported."""
     _, export = exported
-    script = (f"import runpy, sys; sys.argv = ['infer.py', '--model', {str(export)!r}, '--shards', "
-              f"{str(time_shards / 'val' / 'shard-000000.tar')!r}, '--out', {str(tmp_path)!r}];\n"
-              "try:\n    runpy.run_path('launch/infer.py', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-              "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'open_clip', 'training'))\n"
-              "print('HEAVY', bad)")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "HEAVY []" in proc.stdout, proc.stdout[-2000:]
+    proc = run_infer_cli(["--model", str(export), "--shards", str(time_shards / "val" / "shard-000000.tar"), "--out", str(tmp_path)],
+                         ("torch", "torchvision", "open_clip", "training"))
     assert len(_jsonl(tmp_path / "time.jsonl")) == 200 and len(_jsonl(tmp_path / "geo_time.jsonl")) == 200
     import onnxruntime as ort
 

@@ -7,7 +7,6 @@ caption's best meme by the fused score is the one PyTorch's model ranks first.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, tiny_config
+from conftest import run_infer_cli, tiny_config
 from test_train import _run, _train, _write_config
 
 
@@ -88,14 +87,8 @@ def _torch_ranking(run: Path, shards: Path) -> tuple[list[str], dict[str, torch.
 
 def test_meme_cli_ranks_as_pytorch_without_importing_torch(meme_export, tmp_path):
     shards, run, export = meme_export
-    script = (f"import runpy, sys; sys.argv = ['infer.py', '--model', {str(export)!r}, '--shards', "
-              f"{str(shards / 'val')!r}, '--out', {str(tmp_path)!r}, '--providers', 'cpu', '--top-k', '3'];\n"
-              "try:\n    runpy.run_path('launch/infer.py', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-              "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'open_clip', 'training', 'transformers'))\n"
-              "print('HEAVY', bad)")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "HEAVY []" in proc.stdout, proc.stdout[-2000:]
+    run_infer_cli(["--model", str(export), "--shards", str(shards / "val"), "--out", str(tmp_path), "--providers", "cpu",
+                   "--top-k", "3"], ("torch", "torchvision", "open_clip", "training", "transformers"))
     records = _jsonl(tmp_path / "meme.jsonl")
     keys, scores = _torch_ranking(run, shards)
     assert len(records) == len(keys) == 120 and all(len(r["results"]) == 3 for r in records)
