@@ -1,4 +1,4 @@
-"""contextual (ImageCoDe): the ContextualCLIP head's structure, and a real training run that beats zero-shot."""
+"""contextual (ImageCoDe): the ContextualCLIP head's structure; real training runs, the second beating zero-shot."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,9 @@ import torch
 from conftest import tiny_config
 from test_train import _run, _train, _write_config
 from training.tasks.contextual import ContextualHead, ContextualOptions
+
+STAGE2_STEPS = 300
+MARGIN = 0.04  # 40 of the 1,000 held-out sets; measured: 0.389 vs 0.329 zero-shot
 
 
 def _head(**options) -> ContextualHead:
@@ -55,24 +58,32 @@ def contextual_shards(tmp_path_factory):
     from shards.synth import generate
 
     out = tmp_path_factory.mktemp("synth") / "contextual"
-    generate(out, task="contextual", n_train=1600, n_val=300, seed=0, shard_size=200, image_size=64)
+    generate(out, task="contextual", n_train=1600, n_val=1000, seed=0, shard_size=200, image_size=64)
     return out
 
 
-def test_contextual_head_learns_well_above_chance(contextual_shards, tmp_path):
-    """The head, trained on the 10 candidates from scratch, beats chance on held-out sets; zero-shot is reported.
-
-    Not asserted: that it beats the same backbone's frame-by-frame cosine by a clear margin. It does here
-    (0.367 vs 0.343), but by 7 of 300 sets, within run-to-run noise; see docs/benchmarks.md.
-    """
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def joint_run(contextual_shards, tmp_path_factory):
+    """Stage 1: the ContextualCLIP head and the backbone trained together from scratch (in-batch CLIP loss on)."""
+    root = tmp_path_factory.mktemp("contextual_joint")
+    run = root / "run"
     options = {"mode": "contextual", "ffn_dim": 256, "clip_loss_weight": 1.0, "fusion_scale": 50.0}
     raw = tiny_config(contextual_shards, run, tasks=[{"name": "contextual", "options": options}],
                       optim={"max_steps": 150, "micro_batch_size": 16, "warmup_steps": 10, "weight_decay": 0.05},
                       schedule={"log_every": 50}, eval={"max_samples": None, "batch_size": 100})
-    config = _write_config(tmp_path, raw)
+    config = _write_config(root, raw)
     proc = _train(config)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return config, run
+
+
+def test_contextual_head_learns_well_above_chance(joint_run, tmp_path):
+    """Trained jointly with the backbone from scratch, the head beats chance on held-out sets.
+
+    Against the same backbone's frame-by-frame cosine it is only level here: the CLIP loss moves the
+    zero-shot scorer as fast as the head learns. The stage-2 test below measures the head's own gain.
+    """
+    config, run = joint_run
     result = json.loads((run / "metrics.json").read_text())
     before, after = result["before"], result["after"]
     assert before["contextual/accuracy"] <= 0.25  # an untrained model is near chance
@@ -84,3 +95,28 @@ def test_contextual_head_learns_well_above_chance(contextual_shards, tmp_path):
     proc = _run([sys.executable, "launch/evaluate.py", "--config", str(config), "--checkpoint", str(run), "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(out.read_text())["contextual/accuracy"] == pytest.approx(after["contextual/accuracy"], abs=1e-6)
+
+
+def test_head_on_frozen_backbone_beats_zero_shot(joint_run, contextual_shards, tmp_path):
+    """Stage 2 (the paper's setting): the head alone on the frozen stage-1 backbone beats that backbone's
+    zero-shot cosine on held-out sets by a clear margin, mostly on what one frame cannot tell (which frame
+    is furthest, which comes just before or after the odd one)."""
+    _, stage1 = joint_run
+    run = tmp_path / "run"
+    options = {"mode": "contextual", "ffn_dim": 256, "fusion_scale": 50.0}
+    raw = tiny_config(contextual_shards, run, tasks=[{"name": "contextual", "options": options}],
+                      model={"init_weights": str(stage1 / "final" / "model.safetensors")},
+                      optim={"max_steps": STAGE2_STEPS, "micro_batch_size": 32, "warmup_steps": 10,
+                             "weight_decay": 0.05, "freeze_backbone": True, "lr_backbone": 0.0,
+                              "lr_head": 3e-3},
+                      schedule={"log_every": 50}, eval={"max_samples": None, "batch_size": 100})
+    proc = _train(_write_config(tmp_path, raw))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((run / "metrics.json").read_text())
+    before, after = result["before"], result["after"]
+    stage1_after = json.loads((stage1 / "metrics.json").read_text())["after"]
+    # the backbone is frozen: its zero-shot scorer is stage 1's, before and after
+    assert after["contextual/zeroshot_accuracy"] == pytest.approx(stage1_after["contextual/zeroshot_accuracy"], abs=1e-6)
+    assert after["contextual/zeroshot_accuracy"] == pytest.approx(before["contextual/zeroshot_accuracy"], abs=1e-6)
+    assert after["contextual/accuracy"] >= after["contextual/zeroshot_accuracy"] + MARGIN
+    assert after["contextual/accuracy"] >= after["contextual/accuracy_chance"] + 0.2
