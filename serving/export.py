@@ -504,7 +504,7 @@ class GeoTimeRelevance(nn.Module):
         query = F.normalize(tokens.mean(dim=1), dim=-1)
         items = torch.cat([query[:, None], image[:, None], retrieved], dim=1)
         fused, _ = self.task.relevance[self.quantity](query, items)
-        return self.task.knowledge_scores(tokens, fused, candidates)
+        return self.task.knowledge_scores(self.quantity, tokens, fused, candidates)
 
 
 @register_exporter("geo_time")

@@ -9,6 +9,8 @@ right at a fine level by reading the matching cue:
     country striped flag on a pole                       year    the car: body style and colour
     city    landmark: shape and colour                   month   the season's ground colour
 
+The world has a long tail, as photo collections do: one city per country is 20 times rarer than the other
+(``RARE_CITY_WEIGHT``, in every split), while the knowledge corpus describes every city alike.
 Positions, sizes, clouds, trees and noise vary per sample. ``write_knowledge_corpus`` writes texts that
 describe these cues by name (the retrieval side of QR-CLIP) among many distractors that describe nothing
 in the images. This module imports nothing from ``shards``, so ``shards.synth`` can import it.
@@ -32,6 +34,7 @@ N_REGIONS, COUNTRIES_PER_REGION, CITIES_PER_COUNTRY = 3, 2, 2
 DECADES = (1970, 1980, 1990, 2000, 2010)
 YEARS_PER_DECADE = 2
 YEAR_ONLY_FRACTION = 0.2  # share of samples whose time label is "YYYY" rather than "YYYY-M"
+RARE_CITY_WEIGHT = 0.05  # one city per country is this much rarer than the other, in every split (the long tail)
 
 # Named colours shared by landmarks, flags and cars; the names appear in the knowledge corpus.
 PALETTE: dict[str, RGB] = {
@@ -230,6 +233,8 @@ def describe_geo(seed: int) -> dict[str, Any]:
         "months": {str(m): {"name": name, "ground": ground} for m, (name, ground, _) in MONTHS.items()},
         "year_only_fraction": YEAR_ONLY_FRACTION,
     }
+    meta["rare_cities"] = [rng.choice(country["cities"])["name"] for region in meta["regions"]
+                           for country in region["countries"]]
     meta["classes"] = labels_of(meta)["location"]
     return meta
 
@@ -302,11 +307,14 @@ class Layout:
 
 
 def choose_scene(rng: random.Random, task_meta: dict[str, Any]) -> GeoScene:
-    """Uniform over the 12 cities, 10 years and 12 months."""
+    """Cities by their weight (the rare ones RARE_CITY_WEIGHT, the others 1), uniform over years and months."""
     regions, decades = task_meta["regions"], task_meta["decades"]
-    region = rng.randrange(len(regions))
-    country = rng.randrange(len(regions[region]["countries"]))
-    city = rng.randrange(len(regions[region]["countries"][country]["cities"]))
+    places = [(r, c, i) for r, region in enumerate(regions) for c, country in enumerate(region["countries"])
+              for i, _ in enumerate(country["cities"])]
+    rare = set(task_meta.get("rare_cities", ()))
+    weights = [RARE_CITY_WEIGHT if regions[r]["countries"][c]["cities"][i]["name"] in rare else 1.0
+               for r, c, i in places]
+    region, country, city = rng.choices(places, weights=weights)[0]
     decade = rng.randrange(len(decades))
     year = rng.randrange(len(decades[decade]["years"]))
     year_only = rng.random() < task_meta.get("year_only_fraction", YEAR_ONLY_FRACTION)

@@ -163,7 +163,7 @@ def test_geo_time_predictions_and_metrics_match_pytorch(exported, torch_model, o
             for batch in _torch_batches(torch_model, "geo_time", geo_shards):
                 image, tokens = task.encode(model.backbone, batch["image"])
                 base.append((tokens[q] @ cand.T).amax(dim=1))
-                fused.append(task.knowledge_scores(tokens[q], task.fuse_knowledge(q, image, tokens[q]), cand))
+                fused.append(task.knowledge_scores(q, tokens[q], task.fuse_knowledge(q, image, tokens[q]), cand))
         for name, scores in (("base", torch.cat(base)), ("knowledge", torch.cat(fused))):
             ours = [r[f"{q}_{name}"] for r in records]
             _assert_same_where_decided(ours, [candidates[q][i] for i in scores.argmax(1).tolist()], _margin(scores), f"{q} {name}")

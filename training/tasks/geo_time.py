@@ -7,8 +7,12 @@ prediction takes the max over the K tokens. The backbone's weights are untouched
 ViT checkpoint loads as it is.
 Knowledge search: each [CLS] embedding retrieves its top-k texts from an embedded corpus.
 Relevance module: a small scorer weights the image embedding and each retrieved knowledge embedding;
-the weighted sum is matched by cosine against the candidate label prompts, cross-entropy over them.
-Metrics (TARA): top-1 accuracy and Example-F1 over hierarchical labels, base and with knowledge.
+the weighted sum (plus a residual linear map, ``relevance_adapter``) is matched by cosine against the
+candidate label prompts, cross-entropy over all of them; its scores are added to the quantity module's
+with a learned gate per quantity.
+Metrics (TARA): top-1 accuracy and Example-F1 over hierarchical labels: base (quantity module alone),
+knowledge (with the relevance module) and no_knowledge (the relevance module given no retrieved texts:
+the control that shows what the knowledge itself adds).
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ class GeoTimeOptions(TaskOptions):
     knowledge_refresh_steps: int = 50  # joint stage: re-embed the corpus with the moving text tower this often
     labels_file: str | None = None  # {"location": [...], "time": [...]}: training candidates
     relevance_hidden: int = 256
+    relevance_adapter: bool = True  # a residual linear map on the fused embedding (zero at start)
     # json field describing what the photo shows (no label names). When set, the image [CLS] is trained
     # CLIP-style against it: the stand-in for the pretraining a from-scratch backbone lacks, so that the
     # image embedding can find the knowledge texts that describe the same cues.
@@ -120,10 +125,14 @@ class GeoTimeTask(Task):
         self.logit_scale = nn.Parameter(torch.tensor(options.init_logit_scale))
         self.relevance = nn.ModuleDict({q: RelevanceModule(backbone.embed_dim, options.relevance_hidden)
                                         for q in QUANTITIES})
+        if not options.relevance_adapter:  # the spec's module: the weighted sum alone is matched
+            for module in self.relevance.values():
+                module.adapter.requires_grad_(False)
         self.relevance_logit_scale = nn.Parameter(torch.tensor(options.init_logit_scale))
         self.description_logit_scale = nn.Parameter(torch.tensor(options.init_logit_scale))
-        # knowledge evidence is added to the quantity module's scores with a learned gate
-        self.knowledge_gate = nn.Parameter(torch.tensor(0.5))
+        # knowledge evidence is added to the quantity module's scores with a learned gate per quantity:
+        # retrieved texts can help one quantity (location: texts name the place) and not the other
+        self.knowledge_gate = nn.ParameterDict({q: nn.Parameter(torch.tensor(0.5)) for q in QUANTITIES})
         if options.stage == "relevance":  # the quantity module was trained before
             for p in (self.extra_tokens, self.token_proj, self.logit_scale):
                 p.requires_grad_(False)
@@ -178,19 +187,23 @@ class GeoTimeTask(Task):
         texts = [prompt_text(self.options.prompt, quantity, label) for label in labels]
         return knowledge.embed_texts(backbone, self.tokenizer, texts)
 
-    def fuse_knowledge(self, quantity: str, image: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def fuse_knowledge(self, quantity: str, image: torch.Tensor, tokens: torch.Tensor,
+                       retrieve: bool = True) -> torch.Tensor:
         """Retrieve top-k texts for every [CLS] token and fuse them with the image-side embeddings.
 
         The query is the quantity module's embedding (mean of its K tokens); the items are that
-        query, the image's [CLS] embedding and every retrieved knowledge embedding.
+        query, the image's [CLS] embedding and every retrieved knowledge embedding. ``retrieve=False``
+        leaves the knowledge out: the control that shows what the retrieved texts add.
         """
-        queries = torch.cat([tokens, image[:, None]], dim=1) if self.options.retrieve_with_image else tokens
-        b, k, d = queries.shape
-        _, ids = knowledge.search(queries.reshape(b * k, d).float(), self.corpus_emb, self.options.knowledge_top_k)
-        retrieved = self.corpus_emb[ids.reshape(b, -1)].to(image.dtype)  # [B, queries * top_k, D]
         query = F.normalize(tokens.mean(dim=1), dim=-1)
-        items = torch.cat([query[:, None], image[:, None], retrieved], dim=1)
-        fused, _ = self.relevance[quantity](query, items)
+        items = [query[:, None], image[:, None]]
+        if retrieve:
+            queries = torch.cat([tokens, image[:, None]], dim=1) if self.options.retrieve_with_image else tokens
+            b, k, d = queries.shape
+            _, ids = knowledge.search(queries.reshape(b * k, d).float(), self.corpus_emb,
+                                      self.options.knowledge_top_k)
+            items.append(self.corpus_emb[ids.reshape(b, -1)].to(image.dtype))  # [B, queries * top_k, D]
+        fused, _ = self.relevance[quantity](query, torch.cat(items, dim=1))
         return fused
 
     # --- training ---------------------------------------------------------------------------------
@@ -209,7 +222,7 @@ class GeoTimeTask(Task):
                 fused = self.fuse_knowledge(q, image, tokens[q].detach())
                 target = self._candidate_index(q, batch[f"{q}_label"], image.device)
                 logits = logit_scale(self.relevance_logit_scale) * self.knowledge_scores(
-                    tokens[q].detach(), fused, self.candidate_emb[q])
+                    q, tokens[q].detach(), fused, self.candidate_emb[q])
                 losses[f"{q}_relevance_loss"] = F.cross_entropy(logits, target)
                 report[f"{q}_relevance_acc"] = float((logits.argmax(1) == target).float().mean())
         return losses, report
@@ -226,10 +239,11 @@ class GeoTimeTask(Task):
                                                         cache=False)
         backbone.train(was_training)
 
-    def knowledge_scores(self, tokens: torch.Tensor, fused: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    def knowledge_scores(self, quantity: str, tokens: torch.Tensor, fused: torch.Tensor,
+                         candidates: torch.Tensor) -> torch.Tensor:
         """The quantity module's scores (max over tokens) plus the gated knowledge-fused scores."""
         base = (tokens.float() @ candidates.T.float()).amax(dim=1)
-        return base + self.knowledge_gate * (fused.float() @ candidates.T.float())
+        return base + self.knowledge_gate[quantity] * (fused.float() @ candidates.T.float())
 
     def _quantity_loss(self, backbone, tokens: torch.Tensor, batch, quantity: str) -> torch.Tensor:
         """Each [CLS] token against the batch's label prompts (same label = positive), across ranks."""
@@ -259,7 +273,7 @@ class GeoTimeTask(Task):
     @torch.no_grad()
     def evaluate(self, backbone, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         self.prepare(backbone, cache=self.options.stage == "relevance")
-        tokens, fused, golds = ({q: [] for q in QUANTITIES} for _ in range(3))
+        tokens, fused, control, golds = ({q: [] for q in QUANTITIES} for _ in range(4))
         for batch in batches:
             image, toks = self.encode(backbone, batch["image"])
             for q in QUANTITIES:
@@ -267,16 +281,18 @@ class GeoTimeTask(Task):
                 golds[q] += list(batch[f"{q}_label"])
                 if self.options.stage != "quantity":
                     fused[q].append(self.fuse_knowledge(q, image, toks[q]).float())
+                    control[q].append(self.fuse_knowledge(q, image, toks[q], retrieve=False).float())
         result = {}
         for q in QUANTITIES:
             candidates = sorted(set(golds[q]))  # TARA: the unique labels of the test set
             cand_emb = self.label_embeddings(backbone, q, candidates)
             base = (torch.cat(tokens[q]) @ cand_emb.T).amax(dim=1)  # max over the K tokens
             result.update(score_predictions(q, [candidates[i] for i in base.argmax(1).tolist()], golds[q], "base"))
-            if fused[q]:
-                with_knowledge = self.knowledge_scores(torch.cat(tokens[q]), torch.cat(fused[q]), cand_emb)
-                with_knowledge = with_knowledge.argmax(1).tolist()
-                result.update(score_predictions(q, [candidates[i] for i in with_knowledge], golds[q], "knowledge"))
+            for name, parts in (("knowledge", fused[q]), ("no_knowledge", control[q])):
+                if parts:  # the relevance module with the retrieved texts, and without them (the control)
+                    scores = self.knowledge_scores(q, torch.cat(tokens[q]), torch.cat(parts), cand_emb)
+                    predictions = [candidates[i] for i in scores.argmax(1).tolist()]
+                    result.update(score_predictions(q, predictions, golds[q], name))
             for name in ("base", "knowledge"):
                 result[f"{q}_top1_{name}_chance"] = 1 / len(candidates)
         return result
