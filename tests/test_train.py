@@ -55,8 +55,11 @@ def _records(run: Path, kind: str) -> list[dict]:
 def test_two_ranks_identical_weights_disjoint_samples(retrieval_shards, tmp_path):
     run = tmp_path / "run"
     raw = tiny_config(retrieval_shards, run, run={"audit": True}, optim={"max_steps": 6, "micro_batch_size": 16})
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     proc = _train(_write_config(tmp_path, raw), ranks=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # DeepSpeed's CPU all-reduce buffers (RAM-backed, 69 MB per rank) are removed when the ranks exit
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_before
     digests = {json.loads(p.read_text())["sha256"] for p in (run / "audit").glob("weights-rank*.json")}
     assert len(list((run / "audit").glob("weights-rank*.json"))) == 2
     assert len(digests) == 1, "ranks disagree on the weights after optimizer steps"

@@ -1,9 +1,11 @@
 """Process-group setup for DeepSpeed, whether launched by ``deepspeed``, ``torchrun`` or plain python."""
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -43,6 +45,18 @@ def _limit_cpu_threads(local_world_size: int) -> None:
     torch.set_num_threads(threads)
 
 
+def shm_buffer_path(rank: int) -> Path:
+    """The /dev/shm file DeepSpeed's CPU all-reduce maps for ``rank`` (its shm.cpp names it so)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _release_shm_buffer(rank: int) -> None:
+    """DeepSpeed never removes that file (69 MB per rank and run): left alone, every run's copy stays in
+    RAM-backed /dev/shm until the machine runs out of memory. At exit every collective is done."""
+    shm_buffer_path(rank).unlink(missing_ok=True)
+
+
 def init_distributed() -> DistInfo:
     """Initialise the process group (NCCL on CUDA, gloo on CPU) and return this rank's place."""
     import deepspeed
@@ -53,6 +67,8 @@ def init_distributed() -> DistInfo:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if not torch.cuda.is_available():
+        atexit.register(_release_shm_buffer, rank)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
