@@ -44,3 +44,28 @@ def test_param_groups_separate_lrs_and_no_decay():
     assert groups["heads/no_decay"]["weight_decay"] == 0.0
     frozen = {g["name"] for g in param_groups(model, 1e-5, 1e-3, 0.1, freeze_backbone=True)}
     assert frozen == {"heads/decay", "heads/no_decay"}
+
+
+def test_init_weights_take_the_backbone_of_another_tasks_run(tmp_path):
+    """A head can start on another task's trained backbone; heads it does not have are ignored.
+
+    Full loads (evaluation, export) stay strict: there a foreign head means the wrong run.
+    """
+    import pytest
+
+    from training.config import ConfigError
+    from training.evaluation import load_weights
+
+    torch.manual_seed(0)
+    source = MultiTaskModel(create_backbone(_tiny()).model, {"a": torch.nn.Linear(4, 4)}, {"a": 1.0})
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    target = MultiTaskModel(create_backbone(_tiny()).model, {"b": torch.nn.Linear(4, 2)}, {"b": 1.0})
+    load_weights(target, path, allow_missing_heads=True)
+    assert torch.equal(target.backbone.visual.conv1.weight, source.backbone.visual.conv1.weight)
+    with pytest.raises(ConfigError, match="unexpected"):
+        load_weights(target, path)
+    # a head both models have must still fit exactly
+    clash = MultiTaskModel(create_backbone(_tiny()).model, {"a": torch.nn.Linear(4, 2)}, {"a": 1.0})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_weights(clash, path, allow_missing_heads=True)

@@ -38,7 +38,8 @@ def load_weights(model: MultiTaskModel, path: str | Path, allow_missing_heads: b
     """Load ``final/model.safetensors`` (or a run folder holding it) into ``model``, strictly.
 
     With ``allow_missing_heads``, heads absent from the file keep their initialisation (a run that adds
-    a head to an earlier run's weights); the backbone must still match exactly.
+    a head to an earlier run's weights), and heads of tasks this model lacks are ignored (a head started
+    on another task's backbone); the backbone and every shared head must still match exactly.
     """
     path = Path(path)
     if path.is_dir():
@@ -51,6 +52,7 @@ def load_weights(model: MultiTaskModel, path: str | Path, allow_missing_heads: b
     missing, unexpected = model.load_state_dict(state, strict=False)
     if allow_missing_heads:
         missing = [k for k in missing if not k.startswith("heads.")]
+        unexpected = [k for k in unexpected if not (k.startswith("heads.") and k.split(".")[1] not in model.heads)]
     if missing or unexpected:
         raise ConfigError(f"{path} does not fit this config's model: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
