@@ -15,8 +15,9 @@ from pathlib import Path
 HEADLINE = {
     "retrieval": ["t2i_R@1", "i2t_R@1", "t2i_R@10", "zeroshot_top1", "candidate_f1"],
     "time": ["hour_top1", "hour_top3", "hour_mae_minutes", "hour_within_30min", "month_top1", "retrieval_R@1"],
-    "geo_time": ["location_top1_base", "location_top1_knowledge", "location_example_f1_base",
-                 "time_top1_base", "time_top1_knowledge", "time_example_f1_base"],
+    "geo_time": ["location_top1_base", "location_top1_knowledge", "location_top1_no_knowledge",
+                 "location_example_f1_base", "time_top1_base", "time_top1_knowledge", "time_top1_no_knowledge",
+                 "time_example_f1_base"],
     "contextual": ["accuracy", "accuracy_video", "accuracy_static", "zeroshot_accuracy"],
     "meme": ["fused_R@1", "fused_R@10", "qi_R@1", "qc_R@1", "fused_P@5"],
 }

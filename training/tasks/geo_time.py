@@ -293,7 +293,7 @@ class GeoTimeTask(Task):
                     scores = self.knowledge_scores(q, torch.cat(tokens[q]), torch.cat(parts), cand_emb)
                     predictions = [candidates[i] for i in scores.argmax(1).tolist()]
                     result.update(score_predictions(q, predictions, golds[q], name))
-            for name in ("base", "knowledge"):
+            for name in ("base", "knowledge", "no_knowledge"):
                 result[f"{q}_top1_{name}_chance"] = 1 / len(candidates)
         return result
 
