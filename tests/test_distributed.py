@@ -16,6 +16,26 @@ from conftest import ROOT, tiny_config
 from test_train import DEEPSPEED, _free_port, _records, _train, _write_config
 
 
+def _start_job(config: Path) -> tuple[subprocess.Popen, int]:
+    """The 2-rank job in its own process group, so that it can be killed whole."""
+    port = _free_port()
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(port), "launch/train.py", "--config", str(config)]
+    job = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    return job, port
+
+
+def _kill_job(job: subprocess.Popen, port: int) -> None:
+    """kill -9 of the whole job. Its ranks cannot remove their all-reduce buffers then, so the test does."""
+    from training.distributed import shm_buffer_path
+
+    if job.poll() is None:
+        os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    for rank in (0, 1):
+        shm_buffer_path(rank, "127.0.0.1", port).unlink(missing_ok=True)
+
+
 def _fresh_state_dict(raw: dict) -> dict[str, torch.Tensor]:
     from training.config import config_from_dict
     from training.model import build_model
@@ -75,10 +95,7 @@ def test_kill_9_then_resume_uses_every_sample_once(retrieval_shards, tmp_path):
     raw = tiny_config(retrieval_shards, run, run={"audit": True}, optim={"max_steps": 50, "warmup_steps": 5},
                       schedule={"checkpoint_every": 10, "log_every": 1}, data={"shuffle_buffer": 50})
     config = _write_config(tmp_path, raw)
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()), "launch/train.py", "--config", str(config)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+    job, port = _start_job(config)
     keys_file = run / "audit" / "keys-rank0.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and job.poll() is None:
@@ -86,8 +103,7 @@ def test_kill_9_then_resume_uses_every_sample_once(retrieval_shards, tmp_path):
             break
         time.sleep(0.05)
     assert job.poll() is None, "the job ended before it could be killed"
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
+    _kill_job(job, port)
     killed_at = max(s for s, _ in _audit_steps(run, 0))
     assert 25 <= killed_at < 49
     checkpoint_step = 10 * (killed_at // 10)  # the last checkpoint before the kill
@@ -145,9 +161,7 @@ def test_real_kill_while_a_checkpoint_is_being_written(retrieval_shards, tmp_pat
     raw = tiny_config(retrieval_shards, run, optim={"max_steps": 40}, schedule={"checkpoint_every": 1},
                       eval={"max_samples": 50, "batch_size": 50})
     config = _write_config(tmp_path, raw)
-    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()), "launch/train.py", "--config", str(config)]
-    job = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
+    job, port = _start_job(config)
     ckpt = run / "checkpoints"
     in_progress = None
     deadline = time.time() + 240
@@ -155,10 +169,11 @@ def test_real_kill_while_a_checkpoint_is_being_written(retrieval_shards, tmp_pat
         latest = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else ""
         newer = sorted(p.name for p in ckpt.glob("step*") if p.name > latest) if latest else []
         if newer:  # a save has started and not finished: kill the whole job now
-            os.killpg(job.pid, signal.SIGKILL)
+            _kill_job(job, port)
             in_progress = newer[-1]
         time.sleep(0.001)
-    job.wait()
+    if in_progress is None:
+        _kill_job(job, port)
     assert in_progress is not None, "never caught a save in progress"
     previous = (ckpt / "latest").read_text().strip()
     assert previous < in_progress

@@ -45,9 +45,11 @@ def _limit_cpu_threads(local_world_size: int) -> None:
     torch.set_num_threads(threads)
 
 
-def shm_buffer_path(rank: int) -> Path:
-    """The /dev/shm file DeepSpeed's CPU all-reduce maps for ``rank`` (its shm.cpp names it so)."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+def shm_buffer_path(rank: int, addr: str | None = None, port: int | str | None = None) -> Path:
+    """The /dev/shm file DeepSpeed's CPU all-reduce maps for ``rank`` (its shm.cpp names it so);
+    address and port default to this process's rendezvous (MASTER_ADDR, MASTER_PORT)."""
+    addr = os.environ.get("MASTER_ADDR", "") if addr is None else addr
+    port = os.environ.get("MASTER_PORT", "") if port is None else port
     return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 
