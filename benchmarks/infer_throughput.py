@@ -14,6 +14,11 @@ GPU (only when torch sees CUDA): ViT-B-32 at batch 256, torch eager bf16 vs onnx
 vs TensorRT fp16 (engine cache in the temp folder, built before timing). Images/s includes the
 host->device copy of the batch and the copy of the embeddings back. Fraction of peak =
 images/s x 8.8 GFLOP/image / the GPU's dense bf16 peak (``--peak-tflops``; known GPUs listed below).
+
+Every figure is recorded (and printed) with ``provider``: for onnxruntime the provider the session
+really runs on (``Session.providers_in_use``, not the request), for torch its device. An onnxruntime
+GPU run whose provider did not load (it would run on the CPU) is not timed: it is recorded with
+``skipped`` and the reason, so no CPU figure appears under a CUDA or TensorRT label.
 """
 from __future__ import annotations
 
@@ -73,6 +78,11 @@ def torch_int8(model: torch.nn.Module) -> torch.nn.Module:
         return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
+def in_use(session: Session) -> str:
+    """The provider that runs the graph (the first one the session has), as recorded next to each figure."""
+    return session.providers_in_use[0]
+
+
 def cpu_setup(name: str, out: Path, threads: int) -> dict:
     """The four CPU runners of one config: torch and onnxruntime, fp32 and dynamic int8."""
     model = build(name)
@@ -84,9 +94,14 @@ def cpu_setup(name: str, out: Path, threads: int) -> dict:
             "int8_cosine": entry["int8"]["min_cosine_to_fp32"]}
 
 
+CPU_PROVIDERS = {"torch": lambda setup: "torch cpu", "onnxruntime": lambda setup: in_use(setup["session"]),
+                 "torch int8": lambda setup: "torch cpu", "onnxruntime int8": lambda setup: in_use(setup["int8_session"])}
+
+
 def cpu_benchmark(args) -> tuple[list[dict], dict]:
     torch.set_num_threads(args.threads)
     results = []
+    providers: dict[tuple, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         setups = {}
         for name in args.configs:
@@ -110,19 +125,30 @@ def cpu_benchmark(args) -> tuple[list[dict], dict]:
                              ("onnxruntime int8", lambda: setup["int8_session"].run(pixels=x))]
                     for backend, fn in (order if round_ % 2 == 0 else order[::-1]):  # alternate who goes first
                         ips = images_per_s(fn, batch, args.min_seconds, args.min_iters)
+                        provider = providers[(name, batch, backend)] = CPU_PROVIDERS[backend](setup)
                         samples.setdefault((name, batch, backend), []).append(ips)
-                        print(f"round {round_} {name} batch {batch} {backend}: {ips:.1f} img/s", flush=True)
+                        print(f"round {round_} {name} batch {batch} {backend} [{provider}]: {ips:.1f} img/s", flush=True)
         for (name, batch, backend), values in samples.items():
-            results.append({"config": name, "batch": batch, "backend": backend, "images_per_s": statistics.median(values),
+            results.append({"config": name, "batch": batch, "backend": backend,
+                            "provider": providers[(name, batch, backend)], "images_per_s": statistics.median(values),
                             "rounds": values})
         cosines = {name: setup["int8_cosine"] for name, setup in setups.items()}
     return results, cosines
 
 
+def gpu_session(path: Path, options: RuntimeOptions, label: str) -> tuple[Session | None, dict | None]:
+    """(the session, None) when it runs on the GPU provider asked for; else (None, the skipped record)."""
+    session = Session(path, options)
+    if not session.fallbacks:
+        return session, None
+    reason = "; ".join(f"{f['provider']}: {f['reason']}" for f in session.fallbacks)
+    print(f"{label}: not measured, the session runs on {in_use(session)} ({reason})", flush=True)
+    return None, {"backend": label, "provider": in_use(session), "skipped": reason}
+
+
 def gpu_benchmark(args) -> list[dict] | str:
     if not torch.cuda.is_available():
         return "skipped: no CUDA device visible to torch (the GPU branch needs a GPU, torch CUDA and onnxruntime-gpu)"
-    providers = ort.get_available_providers()
     gpu = torch.cuda.get_device_name(0)
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
     name, batch = "ViT-B-32", args.gpu_batch
@@ -137,36 +163,41 @@ def gpu_benchmark(args) -> list[dict] | str:
 
     with tempfile.TemporaryDirectory() as tmp:
         entry = export_image_encoder(build(name), Path(tmp), fp16=True)
-        runs = [("torch eager bf16", run_torch)]
-        if "CUDAExecutionProvider" in providers:
-            cuda = Session(Path(tmp) / entry["fp16"]["file"], RuntimeOptions(providers=("cuda",), fp16=True))
-            runs.append(("onnxruntime CUDA fp16", lambda: cuda.run(pixels=x)))
+        runs = [("torch eager bf16", None, run_torch)]  # (backend, its onnxruntime session, the timed call)
+        cuda, skipped = gpu_session(Path(tmp) / entry["fp16"]["file"], RuntimeOptions(providers=("cuda",), fp16=True),
+                                    "onnxruntime CUDA fp16")
+        if cuda:
+            runs.append(("onnxruntime CUDA fp16", cuda, lambda: cuda.run(pixels=x)))
         else:
-            print("onnxruntime has no CUDAExecutionProvider: install onnxruntime-gpu (pip install .[gpu])")
-        if "TensorrtExecutionProvider" in providers:
-            trt = Session(Path(tmp) / entry["file"], RuntimeOptions(providers=("tensorrt",), fp16=True,
-                                                                   trt_cache_dir=str(Path(tmp) / "trt")))
+            results.append({"gpu": gpu, "config": name, "batch": batch, **skipped})
+        trt, skipped = gpu_session(Path(tmp) / entry["file"],
+                                   RuntimeOptions(providers=("tensorrt",), fp16=True, trt_cache_dir=str(Path(tmp) / "trt"),
+                                                  trt_opt_batch=batch, trt_max_batch=batch), "TensorRT fp16")
+        if trt:
             trt.run(pixels=x)  # builds the engine before timing
-            runs.append(("TensorRT fp16", lambda: trt.run(pixels=x)))
+            runs.append(("TensorRT fp16", trt, lambda: trt.run(pixels=x)))
         else:
-            print("onnxruntime has no TensorrtExecutionProvider: TensorRT not measured")
+            results.append({"gpu": gpu, "config": name, "batch": batch, **skipped})
         for round_ in range(args.rounds):
-            for backend, fn in runs:
+            for backend, session, fn in runs:
                 ips = images_per_s(lambda: (fn(), torch.cuda.synchronize()), batch, args.min_seconds, args.min_iters)
-                results.append({"gpu": gpu, "config": name, "batch": batch, "backend": backend, "round": round_,
-                                "images_per_s": ips,
+                provider = in_use(session) if session else "torch cuda"  # after the run: a run-time fallback shows
+                results.append({"gpu": gpu, "config": name, "batch": batch, "backend": backend, "provider": provider,
+                                "round": round_, "images_per_s": ips,
                                 "fraction_of_peak": ips * GFLOP_PER_IMAGE[name] * 1e9 / (peak * 1e12) if peak else None})
-                print(f"round {round_} {backend}: {ips:.0f} img/s", flush=True)
+                print(f"round {round_} {backend} [{provider}]: {ips:.0f} img/s", flush=True)
     return results
 
 
 def speedups(cpu: list[dict]) -> list[dict]:
     """Per config and batch: images/s of each backend and the ratios at equal precision (and int8 vs fp32 torch)."""
     table = {(r["config"], r["batch"], r["backend"]): r["images_per_s"] for r in cpu}
+    provider = {(r["config"], r["batch"], r["backend"]): r["provider"] for r in cpu}
     rows = []
     for config, batch in sorted({(c, b) for c, b, _ in table}):
         ips = {backend: table[(config, batch, backend)] for c, b, backend in table if (c, b) == (config, batch)}
         rows.append({"config": config, "batch": batch, **ips,
+                     "providers": {backend: provider[(config, batch, backend)] for backend in ips},
                      "onnxruntime_vs_torch_fp32": ips["onnxruntime"] / ips["torch"],
                      "onnxruntime_vs_torch_int8": ips["onnxruntime int8"] / ips["torch int8"],
                      "onnxruntime_int8_vs_torch_fp32": ips["onnxruntime int8"] / ips["torch"]})

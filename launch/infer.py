@@ -5,12 +5,14 @@
     python launch/infer.py --model exports/run --queries queries.txt --gallery preds/gallery --out q/
 
 Writes <out>/<task>.jsonl (one record per image), errors.jsonl (bad items, the batch goes on),
-summary.json, and for retrieval <out>/gallery/{embeddings.npy,keys.json} (queries search it).
+summary.json (with "providers": per graph, the providers requested, those in use and why a requested
+GPU provider is not), and for retrieval <out>/gallery/{embeddings.npy,keys.json} (queries search it).
 meme writes <out>/meme.jsonl: per meme, its caption's top-k memes by fused score (with qi and qc).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -20,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serving.infer import ExportedModel, Settings, count_items, folder_items, infer_contextual, infer_images, \
     infer_meme, infer_queries, read_queries, shard_items  # noqa: E402
-from serving.runtime import RuntimeOptions  # noqa: E402
+from serving.runtime import ProviderError, RuntimeOptions  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--classes", help="retrieval zero-shot classes, one per line")
     parser.add_argument("--geo-labels", help='geo_time candidates: JSON {"location": [...], "time": [...]}')
-    parser.add_argument("--providers", nargs="*", default=["tensorrt", "cuda", "cpu"])
+    parser.add_argument("--providers", nargs="*", default=["tensorrt", "cuda", "cpu"],
+                        help="execution providers in order of preference (tensorrt: the towers only; heads use cuda)")
+    parser.add_argument("--require-gpu", action="store_true",
+                        help="fail (exit 2) when a requested GPU provider is not in use, instead of running without it")
+    parser.add_argument("--trt-max-batch", type=int, default=0,
+                        help="TensorRT profile: largest batch (default: 256, or more for --batch-size / contextual sets)")
+    parser.add_argument("--trt-cache", help="TensorRT engine and timing caches (default: <model>/trt_cache)")
     parser.add_argument("--fp16", action="store_true", help="fp16 graphs where exported; TensorRT fp16 engines")
     parser.add_argument("--int8", action="store_true", help="int8 towers where exported (export --int8; CPUs)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: default)")
@@ -45,9 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = RuntimeOptions(providers=tuple(args.providers), fp16=args.fp16, int8=args.int8,
-                             intra_op_threads=args.threads)
+                             intra_op_threads=args.threads, require_gpu=args.require_gpu,
+                             trt_cache_dir=args.trt_cache, trt_opt_batch=max(1, args.batch_size))
     try:
         model = ExportedModel(args.model, options)
+        # TensorRT profile: the largest batch a tower sees (contextual runs encode every set's images at once)
+        sets = model.manifest["tasks"].get("contextual", {}).get("num_candidates", 1) \
+            if "contextual" in (args.tasks or model.tasks) else 1
+        model.options = dataclasses.replace(options, trt_max_batch=args.trt_max_batch or
+                                            max(256, args.batch_size, args.batch_size * sets))
         if args.queries:
             if not args.gallery:
                 parser.error("--queries needs --gallery")
@@ -72,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                     parser.error("meme reads caption, context and emotions from --shards")
                 summary = infer_meme(model, shard_items(spec), args.out, args.top_k, args.batch_size, args.workers,
                                      total=count_items(spec, kind))
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, ProviderError) as err:
         print(f"infer error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary))

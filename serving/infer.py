@@ -31,6 +31,7 @@ from serving.runtime import RuntimeOptions, Session
 from serving.tokenizer import BPETokenizer, WordPieceTokenizer
 
 LOG = logging.getLogger("multiclip.serving")
+TOWER_GRAPHS = ("image_encoder", "text_encoder")  # the large graphs; only these go to TensorRT
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -62,8 +63,12 @@ class ExportedModel:
             entry = self.manifest["graphs"][graph]
             wanted = [p for p, on in (("int8", self.options.int8), ("fp16", self.options.fp16)) if on and p in entry]
             self._sessions[graph] = Session(self.dir / (entry[wanted[0]]["file"] if wanted else entry["file"]),
-                                            self.options)
+                                            self.options, allow_tensorrt=graph in TOWER_GRAPHS)
         return self._sessions[graph]
+
+    def provider_report(self) -> dict[str, dict[str, Any]]:
+        """Per graph opened so far: file, requested providers, providers in use, fallbacks {provider, reason}."""
+        return {graph: session.report() for graph, session in self._sessions.items()}
 
     def array(self, name: str) -> np.ndarray:
         return np.load(self.dir / f"{name}.npy")
@@ -417,8 +422,20 @@ def infer_images(model: ExportedModel, items: Iterable[Item], tasks: list[str] |
     for predictor in predictors:
         predictor.finish(out_dir, keys)
     summary = {**counts, "tasks": tasks}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    record_providers(model, out_dir, summary, replace=True)
     return summary
+
+
+def record_providers(model: ExportedModel, out_dir: Path, summary: dict[str, Any], replace: bool = False) -> None:
+    """summary.json with ``providers`` (:meth:`ExportedModel.provider_report`) next to the counts.
+
+    ``replace``: write ``summary`` (image runs); else a summary.json already there (an image run into
+    the same folder) only gets its ``providers`` brought up to date, and ``summary`` is written where
+    there is none.
+    """
+    path = out_dir / "summary.json"
+    data = summary if replace or not path.is_file() else json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "providers": model.provider_report()}, indent=1))
 
 
 def load_set(item: Item, preprocess: Preprocess, size: int) -> tuple[np.ndarray, str, bool] | str:
@@ -457,7 +474,9 @@ def infer_contextual(model: ExportedModel, items: Iterable[Item], out_dir: str |
                 out.write(json.dumps({"key": it.key, "source": it.source, "index": int(row.argmax()),
                                       "scores": [float(v) for v in row]}) + "\n")
             counts["predicted"] += len(good)
-    return {**counts, "tasks": ["contextual"]}
+    summary = {**counts, "tasks": ["contextual"]}
+    record_providers(model, out_dir, summary)
+    return summary
 
 
 def infer_queries(model: ExportedModel, queries: list[str], out_dir: str | Path, gallery: str | Path,
@@ -475,7 +494,9 @@ def infer_queries(model: ExportedModel, queries: list[str], out_dir: str | Path,
             scores = model.text_embeddings(chunk) @ emb.T
             for query, row, s in zip(chunk, top_k(scores, top), scores):
                 f.write(json.dumps({"query": query, "results": [{**keys[j], "score": float(s[j])} for j in row]}) + "\n")
-    return {"queries": len(queries), "gallery": len(keys)}
+    summary = {"queries": len(queries), "gallery": len(keys)}
+    record_providers(model, out_dir, summary)
+    return summary
 
 
 def read_queries(path: str | Path) -> list[str]:
@@ -554,4 +575,6 @@ def infer_meme(model: ExportedModel, items: Iterable[Item], out_dir: str | Path,
     else:
         (out_dir / "meme.jsonl").write_text("")
     counts["predicted"] = len(keys)
-    return {**counts, "tasks": ["meme"]}
+    summary = {**counts, "tasks": ["meme"]}
+    record_providers(model, out_dir, summary)
+    return summary

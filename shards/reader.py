@@ -234,9 +234,33 @@ def read_shards(shards: Iterable[dict[str, str]], skip_log: SkipLog) -> Iterator
         yield from read_shard(shard["url"], skip_log, sizes.listed(shard["url"]))
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Fully decode (so truncated files fail here, not in map_fn) to RGB."""
+DRAFT_SCALES = (8, 4, 2, 1)  # the reductions libjpeg can apply while decoding (PIL's Image.draft)
+
+
+def draft_scale(width: int, height: int, min_side: int | None) -> int:
+    """The largest JPEG draft reduction (8, 4, 2 or 1) whose image keeps a shorter side >= ``min_side``.
+
+    libjpeg decodes at 1/s scale to ``ceil(width / s) x ceil(height / s)``; an image already too small
+    for ``min_side`` is decoded at full size (draft never upscales, and never shrinks below the need).
+    """
+    if not min_side:
+        return 1
+    short = min(width, height)
+    return next((s for s in DRAFT_SCALES if -(-short // s) >= min_side), 1)
+
+
+def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
+    """Fully decode (so truncated files fail here, not in map_fn) to RGB.
+
+    With ``min_side`` a JPEG is decoded in draft mode, straight to the smallest 1/2, 1/4 or 1/8 scale
+    whose shorter side is still >= ``min_side`` (:func:`draft_scale`): up to 64x fewer pixels to decode
+    and resize. Other formats, and JPEGs too small to reduce, are decoded at full size.
+    """
     with Image.open(io.BytesIO(data)) as img:
+        if min_side and img.format == "JPEG":
+            scale = draft_scale(img.width, img.height, min_side)
+            if scale > 1:  # PIL picks scale s for a request of (width // s, height // s)
+                img.draft("RGB", (img.width // scale, img.height // scale))
         return img.convert("RGB")
 
 
@@ -247,8 +271,11 @@ def decode_json(data: bytes) -> dict[str, Any]:
     return meta
 
 
-def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
-    """Images to PIL RGB and json to a dict; raises SampleError with the skip reason."""
+def decode_sample(sample: dict[str, Any], decode_size: int | None = None) -> dict[str, Any]:
+    """Images to PIL RGB (JPEGs draft-decoded to shorter side >= ``decode_size``) and json to a dict.
+
+    Raises SampleError with the skip reason.
+    """
     image_names = [name for name in sample if is_image_member(name)]
     if not image_names:
         raise SampleError("missing_image", f"no image member among {sorted(sample)}")
@@ -261,16 +288,17 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
         raise SampleError("bad_json", str(exc)) from exc
     for name in image_names:
         try:
-            decoded[name] = decode_image(sample[name])
+            decoded[name] = decode_image(sample[name], decode_size)
         except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
             raise SampleError("bad_image", f"{name}: {exc}") from exc
     return decoded
 
 
-def decode_samples(samples: Iterable[dict[str, Any]], skip_log: SkipLog) -> Iterator[dict[str, Any]]:
+def decode_samples(samples: Iterable[dict[str, Any]], skip_log: SkipLog,
+                   decode_size: int | None = None) -> Iterator[dict[str, Any]]:
     for sample in samples:
         try:
-            yield decode_sample(sample)
+            yield decode_sample(sample, decode_size)
         except SampleError as exc:
             skip_log.record(sample.get("__url__", "?"), sample.get("__key__"), exc.reason, exc)
 
@@ -343,6 +371,7 @@ class StreamSpec:
     infinite: bool = True
     partial_batches: bool = False
     error_log_dir: str | None = None
+    decode_size: int | None = None  # JPEG draft decoding: shorter side at least this many pixels (None: full)
 
 
 class ShardStream(IterableDataset):
@@ -399,7 +428,7 @@ class ShardStream(IterableDataset):
             partial(shard_source, self.worker_shards(epoch, worker, num_workers)),
             partial(read_shards, skip_log=skip_log),
             shuffle,
-            partial(decode_samples, skip_log=skip_log),
+            partial(decode_samples, skip_log=skip_log, decode_size=spec.decode_size),
             partial(map_samples, map_fn=spec.map_fn, skip_log=skip_log),
         )
         return iter(pipeline)
@@ -420,6 +449,17 @@ def _as_dir(path: str | Path | None) -> str | None:
     return None if path is None else os.fspath(path)
 
 
+def _data_loader(stream: ShardStream, num_workers: int, pin_memory: bool, prefetch_factor: int | None,
+                 persistent_workers: bool) -> DataLoader:
+    """The torch DataLoader over a stream; ``prefetch_factor``/``persistent_workers`` only apply with workers."""
+    if prefetch_factor is not None and prefetch_factor < 1:
+        raise ValueError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
+    workers = num_workers > 0
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      prefetch_factor=prefetch_factor if workers else None,
+                      persistent_workers=persistent_workers and workers)
+
+
 def make_loader(
     urls: str | list[str],
     *,
@@ -435,10 +475,18 @@ def make_loader(
     error_log_dir: str | Path | None = None,
     collate_fn: CollateFn | None = None,
     infinite: bool = True,
+    decode_size: int | None = None,
+    pin_memory: bool = False,
+    prefetch_factor: int | None = None,
+    persistent_workers: bool = True,
 ) -> DataLoader:
     """Training batches for one rank: shuffled shards split over ranks and workers, full batches only.
 
     ``infinite`` streams epoch after epoch (the trainer decides what an epoch is); otherwise one pass.
+    ``decode_size``: JPEGs are draft-decoded to a shorter side of at least this many pixels (see
+    :func:`decode_image`). ``pin_memory`` puts batches in page-locked memory (for asynchronous copies
+    to a GPU); ``prefetch_factor`` batches are kept in flight per worker (torch's default 2 when None).
+    Workers persist across re-iterations of the loader (they rebuild their stream on each new iterator).
     """
     urls = expand_urls(urls)
     _check_common(urls, map_fn, batch_size, num_workers)
@@ -448,9 +496,9 @@ def make_loader(
     spec = StreamSpec(
         urls=tuple(urls), map_fn=map_fn, batch_size=batch_size, collate_fn=collate_fn or default_collate,
         rank=rank, world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer, resample=resample,
-        start_epoch=start_epoch, infinite=infinite, error_log_dir=_as_dir(error_log_dir),
+        start_epoch=start_epoch, infinite=infinite, error_log_dir=_as_dir(error_log_dir), decode_size=decode_size,
     )
-    return DataLoader(ShardStream(spec), batch_size=None, num_workers=num_workers, persistent_workers=False)
+    return _data_loader(ShardStream(spec), num_workers, pin_memory, prefetch_factor, persistent_workers)
 
 
 def make_eval_loader(
@@ -462,19 +510,24 @@ def make_eval_loader(
     error_log_dir: str | Path | None = None,
     collate_fn: CollateFn | None = None,
     rank: int = 0,
+    decode_size: int | None = None,
+    pin_memory: bool = False,
+    prefetch_factor: int | None = None,
 ) -> DataLoader:
     """One deterministic pass over every shard (the same on every rank), keeping the partial last batch.
 
     ``rank`` only names the skip-log file, so ranks sharing a log directory do not share a file.
+    ``decode_size``, ``pin_memory`` and ``prefetch_factor`` as in :func:`make_loader`; the workers of a
+    one-pass loader do not persist.
     """
     urls = expand_urls(urls)
     _check_common(urls, map_fn, batch_size, num_workers)
     spec = StreamSpec(
         urls=tuple(urls), map_fn=map_fn, batch_size=batch_size, collate_fn=collate_fn or default_collate,
         rank=rank, world_size=1, split_by_rank=False, shuffle=False, infinite=False, partial_batches=True,
-        error_log_dir=_as_dir(error_log_dir),
+        error_log_dir=_as_dir(error_log_dir), decode_size=decode_size,
     )
-    return DataLoader(ShardStream(spec), batch_size=None, num_workers=num_workers, persistent_workers=False)
+    return _data_loader(ShardStream(spec), num_workers, pin_memory, prefetch_factor, persistent_workers=False)
 
 
 __all__ = [

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-import training  # noqa: F401  (torchvision compatibility before anything imports open_clip)
+# The suite runs on DeepSpeed's CPU accelerator, on a GPU host too: every test (and every process it
+# starts, which inherits this environment) sees no CUDA device. tests/test_gpu.py runs its checks in
+# subprocesses with GPU_ENV, the environment as it was before this.
+GPU_ENV = dict(os.environ)
+os.environ["DS_ACCELERATOR"] = "cpu"
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import training  # noqa: E402,F401  (torchvision compatibility before anything imports open_clip)
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))

@@ -97,16 +97,17 @@ def test_ds_config_file_is_merged_and_batch_keys_are_derived(tmp_path):
     from training.trainer import deepspeed_config
 
     ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True}, "wall_clock_breakdown": True}))
-    raw = tiny_config(tmp_path, tmp_path / "run", deepspeed={"config_file": str(ds)},
+    ds.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}, "wall_clock_breakdown": True}))
+    raw = tiny_config(tmp_path, tmp_path / "run", deepspeed={"config_file": str(ds), "zero_stage": 2},
                       optim={"micro_batch_size": 8, "grad_accum": 4})
-    merged = deepspeed_config(config_from_dict(raw), use_bf16=False)
+    merged = deepspeed_config(config_from_dict(raw))
+    # sections merge key by key: the typed stage stays beside the file's own ZeRO settings
     assert merged["zero_optimization"] == {"stage": 2, "overlap_comm": True} and merged["wall_clock_breakdown"]
     assert merged["train_micro_batch_size_per_gpu"] == 8 and merged["gradient_accumulation_steps"] == 4
     assert "train_batch_size" not in merged  # DeepSpeed derives it from micro batch x accumulation x world
     ds.write_text(json.dumps({"train_batch_size": 64}))
     with pytest.raises(ConfigError, match="derived"):
-        deepspeed_config(config_from_dict(raw), use_bf16=False)
+        deepspeed_config(config_from_dict(raw))
     raw["deepspeed"]["config_file"] = str(tmp_path / "absent.json")
     with pytest.raises(ConfigError, match="absent.json"):
         config_from_dict(raw)

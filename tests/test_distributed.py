@@ -44,21 +44,43 @@ def _fresh_state_dict(raw: dict) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_zero_stage_trains_and_consolidates(retrieval_shards, tmp_path, stage):
+def _digest(state: dict[str, torch.Tensor]) -> str:
+    """The trainer's audit fingerprint (training/trainer.py::_audit_weights) of a state dict."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, p in sorted(state.items()):
+        digest.update(name.encode())
+        digest.update(p.detach().float().reshape(-1).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _bf16_representable(t: torch.Tensor) -> bool:
+    return bool(torch.equal(t.float(), t.to(torch.bfloat16).float()))
+
+
+# every stage on one process (the most common set-up: one GPU) and on two; bf16 at every stage
+@pytest.mark.parametrize("stage,ranks,precision", [(0, 1, "fp32"), (1, 1, "bf16"), (2, 1, "fp32"), (3, 1, "bf16"),
+                                                   (0, 2, "bf16"), (1, 2, "bf16"), (2, 2, "fp32"), (3, 2, "fp32")])
+def test_zero_stage_trains_and_writes_the_fp32_masters(retrieval_shards, tmp_path, stage, ranks, precision):
     run = tmp_path / "run"
-    raw = tiny_config(retrieval_shards, run, run={"audit": True}, deepspeed={"zero_stage": stage},
-                      optim={"max_steps": 3})
-    proc = _train(_write_config(tmp_path, raw), ranks=2)
+    raw = tiny_config(retrieval_shards, run, run={"audit": True},
+                      deepspeed={"zero_stage": stage, "precision": precision},
+                      optim={"max_steps": 3}, eval={"max_samples": 20, "batch_size": 20})
+    proc = _train(_write_config(tmp_path, raw), ranks=ranks)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"precision {precision}, ZeRO {stage}, world {ranks}" in proc.stdout + proc.stderr
     final = load_file(str(run / "final" / "model.safetensors"))
     fresh = _fresh_state_dict(raw)
     assert set(final) == set(fresh)
-    assert all(final[k].shape == fresh[k].shape for k in fresh)
+    assert all(final[k].shape == fresh[k].shape and final[k].dtype == fresh[k].dtype for k in fresh)
     assert not torch.equal(final["backbone.visual.conv1.weight"], fresh["backbone.visual.conv1.weight"])
-    if stage < 3:  # ZeRO-3 ranks hold partitions, not comparable copies
+    # fp32 masters, not a bf16 copy: trained weights keep bits that bf16 cannot hold
+    trained = [k for k in fresh if k.startswith("backbone.") and final[k].is_floating_point() and final[k].numel() > 64]
+    assert not any(_bf16_representable(final[k]) for k in trained)
+    if stage < 3:  # every rank's module holds the full fp32 weights the engine trained: the final ones
         digests = {json.loads(p.read_text())["sha256"] for p in (run / "audit").glob("weights-rank*.json")}
-        assert len(digests) == 1
+        assert digests == {_digest(final)}
 
 
 def test_two_nodes_on_loopback(retrieval_shards, tmp_path):

@@ -46,7 +46,7 @@ def geo_run(tmp_path_factory) -> tuple[Path, Path]:
                       optim={"max_steps": 2, "micro_batch_size": 16}, eval={"max_samples": 20, "batch_size": 20})
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # CPU accelerator: see conftest
     proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(config)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -39,9 +39,21 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     train: str | list[str] | None = None  # shard pattern(s): brace pattern, glob or directory
     val: str | list[str] | None = None  # held-out shards used for periodic and final evaluation
-    num_workers: int = Field(1, ge=0)  # DataLoader workers per rank
+    # DataLoader workers per rank; auto = min(max(1, cores // local ranks - 1), 8, shards per rank), where
+    # cores is this process's CPU affinity and "shards per rank" (shards // world size) applies without resample
+    num_workers: int | Literal["auto"] = "auto"
+    pin_memory: bool | Literal["auto"] = "auto"  # page-locked batches for async copies; auto: on when the device is CUDA
+    prefetch_factor: int = Field(4, ge=1)  # batches in flight per worker (only when workers > 0)
+    uint8_images: bool = False  # images cross to the device as uint8 and are converted + normalised there
+    jpeg_draft: bool = True  # decode JPEGs at 1/2, 1/4, 1/8 scale when still >= what the model's transform needs
     shuffle_buffer: int = Field(1000, ge=0)  # samples held for shuffling inside each worker
     resample: bool = False  # draw shards with replacement (when shards < ranks x workers)
+
+    @model_validator(mode="after")
+    def _check_workers(self) -> DataConfig:
+        if self.num_workers != "auto" and self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 or 'auto', got {self.num_workers}")
+        return self
 
 
 class TaskConfig(_Section):
@@ -74,7 +86,9 @@ class OptimConfig(_Section):
 
 class DeepSpeedConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # bf16: the towers run under bf16 autocast, heads, losses and every weight stay fp32 (docs/design.md);
+    # auto: bf16 on a GPU accelerator that supports it, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     config_file: str | None = None  # a ds_config JSON merged over the generated one (batch keys excluded)
 
 
@@ -214,6 +228,11 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
                         "module's forward, which ZeRO-3 does not gather; use stage 0-2")
     if cfg.deepspeed.config_file and not Path(cfg.deepspeed.config_file).is_file():
         problems.append(f"  - deepspeed.config_file: no such file {cfg.deepspeed.config_file!r}")
+    elif cfg.deepspeed.config_file:
+        try:
+            load_deepspeed_overrides(cfg)
+        except (ConfigError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+            problems.append(f"  - deepspeed.config_file: {err}")
     if problems:
         raise ConfigError(f"{source}: {len(problems)} problem(s)\n" + "\n".join(problems))
     return cfg
@@ -242,7 +261,12 @@ def load_deepspeed_overrides(cfg: Config) -> dict[str, Any]:
     """The user's ds_config JSON, if any (batch-size keys are derived, so they are rejected)."""
     if not cfg.deepspeed.config_file:
         return {}
-    data = json.loads(Path(cfg.deepspeed.config_file).read_text())
+    try:
+        data = json.loads(Path(cfg.deepspeed.config_file).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{cfg.deepspeed.config_file}: not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cfg.deepspeed.config_file}: top level must be a JSON object")
     derived = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"}
     clash = derived & set(data)
     if clash:
@@ -250,4 +274,12 @@ def load_deepspeed_overrides(cfg: Config) -> dict[str, Any]:
             f"{cfg.deepspeed.config_file}: {sorted(clash)} are derived from optim.micro_batch_size "
             "and optim.grad_accum; set those instead"
         )
+    precision = {"bf16", "fp16", "torch_autocast", "amp"} & set(data)
+    if precision:  # the engine stays fp32; bf16 is the towers' autocast (training/accelerator.py)
+        raise ConfigError(f"{cfg.deepspeed.config_file}: {sorted(precision)} would change the engine's precision; "
+                          "set deepspeed.precision (fp32 | bf16 | auto) instead")
+    stage = (data.get("zero_optimization") or {}).get("stage", cfg.deepspeed.zero_stage)
+    if stage != cfg.deepspeed.zero_stage:  # tasks' ZeRO-3 support is checked on deepspeed.zero_stage
+        raise ConfigError(f"{cfg.deepspeed.config_file}: zero_optimization.stage = {stage} differs from "
+                          f"deepspeed.zero_stage = {cfg.deepspeed.zero_stage}; set deepspeed.zero_stage instead")
     return data

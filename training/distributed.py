@@ -1,4 +1,7 @@
-"""Process-group setup for DeepSpeed, whether launched by ``deepspeed``, ``torchrun`` or plain python."""
+"""Process-group setup for DeepSpeed, whether launched by ``deepspeed``, ``torchrun`` or plain python.
+
+Device and backend come from :mod:`training.accelerator` (DeepSpeed's accelerator), never from ``torch.cuda``.
+"""
 from __future__ import annotations
 
 import atexit
@@ -60,25 +63,22 @@ def _release_shm_buffer(rank: int) -> None:
 
 
 def init_distributed() -> DistInfo:
-    """Initialise the process group (NCCL on CUDA, gloo on CPU) and return this rank's place."""
+    """Initialise the process group with the accelerator's backend and return this rank's place."""
     import deepspeed
+
+    from training import accelerator
 
     _single_process_env()
     # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=accelerator.backend())
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if not torch.cuda.is_available():
-        atexit.register(_release_shm_buffer, rank)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
+    if not accelerator.on_gpu():
+        atexit.register(_release_shm_buffer, rank)
         _limit_cpu_threads(local_world)
-        device = torch.device("cpu")
-    return DistInfo(rank, world, local_rank, local_world, device)
+    accelerator.enable_tf32()
+    return DistInfo(rank, world, local_rank, local_world, accelerator.device(local_rank))
 
 
 def barrier() -> None:

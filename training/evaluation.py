@@ -28,7 +28,7 @@ def evaluate_model(model: MultiTaskModel, backbone, cfg: Config, shards=None) ->
         batches = eval_loader(shards or cfg.val_shards(name), task, backbone, batch_size)
         if cfg.eval.max_samples:  # whole batches: the cap is rounded up to a multiple of batch_size
             batches = itertools.islice(batches, -(-cfg.eval.max_samples // batch_size))
-        batches = (to_device(b, param.device, param.dtype) for b in batches)
+        batches = (to_device(b, param.device) for b in batches)
         out.update({f"{name}/{k}": v for k, v in task.evaluate(model.backbone, batches).items()})
     model.train(was_training)
     return out
@@ -60,7 +60,11 @@ def load_weights(model: MultiTaskModel, path: str | Path, allow_missing_heads: b
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path | None, shards=None) -> dict[str, Any]:
     """Evaluate trained weights, or the configured (pretrained) backbone zero-shot if None."""
+    from training import accelerator
+
     model, backbone = build_model(cfg)
     if checkpoint is not None:
         load_weights(model, checkpoint)
+    model.to(accelerator.current_device())  # the GPU of a GPU node, as in training
+    accelerator.apply_precision(model, cfg.deepspeed.precision)
     return evaluate_model(model, backbone, cfg, shards)

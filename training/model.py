@@ -99,12 +99,13 @@ class MultiTaskModel(nn.Module):
         self.heads = nn.ModuleDict(heads)
         self.loss_weights = dict(loss_weights)
 
-    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         task = batch["task"]
         losses, report = self.heads[task](self.backbone, batch)
         total = sum(v for k, v in losses.items() if k.endswith("_loss")) * self.loss_weights[task]
-        report = {**{f"{task}/{k}": float(v.detach()) for k, v in losses.items()},
-                  **{f"{task}/{k}": v for k, v in report.items()}}
+        # detached tensors, not floats: the trainer fetches them once per logging step
+        report = {**{f"{task}/{k}": v.detach() for k, v in losses.items()},
+                  **{f"{task}/{k}": v.detach() if isinstance(v, torch.Tensor) else v for k, v in report.items()}}
         return total, report
 
 

@@ -22,7 +22,8 @@ import yaml
 from shards.reader import read_skip_logs, summarize_skips
 from training import checkpoint as ckpt
 from training.config import Config, load_deepspeed_overrides
-from training.data import steps_per_epoch, to_device, train_loader
+from training import accelerator
+from training.data import device_image_norm, steps_per_epoch, to_device, train_loader
 from training.evaluation import evaluate_model, load_weights
 from training.distributed import DistInfo, barrier, init_distributed
 from training.logging_utils import RunLogger, plot_curves, setup_console_logging
@@ -34,18 +35,22 @@ from training.schedule import lr_multiplier
 log = logging.getLogger("multiclip.train")
 
 
-def deepspeed_config(cfg: Config, use_bf16: bool) -> dict[str, Any]:
-    """The DeepSpeed JSON, built from the typed config (plus the user's ds_config overrides)."""
+def deepspeed_config(cfg: Config) -> dict[str, Any]:
+    """The DeepSpeed JSON, built from the typed config (plus the user's ds_config overrides).
+
+    The engine is always fp32 (no DeepSpeed ``bf16``/``fp16`` section): bf16 compute is the towers'
+    autocast (:mod:`training.accelerator`), so masters, gradients and checkpoints stay fp32.
+    """
     ds = {
         "train_micro_batch_size_per_gpu": cfg.optim.micro_batch_size,
         "gradient_accumulation_steps": cfg.optim.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-        "bf16": {"enabled": use_bf16},
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
-    ds.update(load_deepspeed_overrides(cfg))
+    for key, value in load_deepspeed_overrides(cfg).items():  # sections merge key by key
+        ds[key] = {**ds[key], **value} if isinstance(value, dict) and isinstance(ds.get(key), dict) else value
     return ds
 
 
@@ -80,19 +85,23 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         model.backbone.set_grad_checkpointing(True)
     initial_backbone = wise_ft.snapshot(model.backbone) if cfg.eval.wise_ft_alphas or cfg.eval.general else None
     scalar_names = promote_scalar_parameters(model)
-    use_bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and torch.cuda.is_available())
+    precision = accelerator.resolve_precision(cfg.deepspeed.precision)
     groups = param_groups(model, cfg.optim.lr_backbone, cfg.optim.lr_head, cfg.optim.weight_decay,
                           cfg.optim.freeze_backbone)
     optimizer = torch.optim.AdamW(groups, betas=cfg.optim.betas, eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
         s, cfg.optim.warmup_steps, cfg.optim.max_steps, cfg.optim.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, use_bf16))
-    if dist_info.world_size == 1:  # no peers: skip the bucketed all-reduce of every gradient
+                                           config=deepspeed_config(cfg))
+    if dist_info.world_size == 1 and cfg.deepspeed.zero_stage == 0:
+        # no peers: skip the bucketed all-reduce of every gradient. Only without ZeRO, whose
+        # optimizer moves gradients into its partitions during that same epilogue.
         engine.enable_backward_allreduce = False
     if cfg.deepspeed.zero_stage == 3:
         register_zero3_external_parameters(engine.module)
-    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    accelerator.apply_precision(engine.module, precision)
+    log.info("device %s, backend %s, precision %s, ZeRO %d, world %d", dist_info.device, accelerator.backend(),
+             precision, cfg.deepspeed.zero_stage, dist_info.world_size)
 
     step = 0
     if run_state is not None:
@@ -125,18 +134,20 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         for micro in range(cfg.optim.grad_accum):
             name = _pick_task(cfg.run.seed, step, micro, task_names, task_weights)
             taken[name] += 1
-            batch = to_device(next(streams[name]), dist_info.device, dtype)
+            batch = to_device(next(streams[name]), dist_info.device, device_image_norm(cfg, backbone))
             if cfg.run.audit:
                 _audit_keys(run_dir, dist_info.rank, step, batch["key"])
             loss, report = engine(batch)
             engine.backward(loss)
             engine.step()
-            reports.append({"loss": float(loss.detach()), **report})
+            reports.append({"loss": loss.detach(), **report})  # tensors: no host sync per micro step
             window_samples += cfg.micro_batch_size(name) * dist_info.world_size
         step += 1
         progress.update(1)
         if step % cfg.schedule.log_every == 0 or step == cfg.optim.max_steps:
             record = _train_record(step, epoch_steps, reports, window_samples, time.time() - tick, lrs)
+            if accelerator.on_gpu():
+                record["peak_memory_gib"] = accelerator.peak_memory_gib()
             logger.log(record)
             progress.set_postfix(loss=f"{record['loss']:.3f}")
             tick, window_samples, reports = time.time(), 0, []
@@ -217,10 +228,19 @@ def _audit_weights(run_dir: Path, rank: int, module, zero_stage: int) -> None:
         json.dumps({"rank": rank, "zero_stage": zero_stage, "sha256": digest.hexdigest()}))
 
 
+def window_means(reports: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean of every reported value over a logging window, fetched from the device in one transfer."""
+    keys = sorted({k for r in reports for k in r})
+    tensors = [v for r in reports for v in r.values() if isinstance(v, torch.Tensor)]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    sums = torch.stack([torch.stack([torch.as_tensor(r[k], device=device).float().reshape(()) for r in reports if k in r]).mean()
+                        for k in keys]) if keys else torch.zeros(0)
+    return dict(zip(keys, sums.cpu().tolist()))
+
+
 def _train_record(step, epoch_steps, reports, samples, seconds, lrs) -> dict[str, Any]:
     """Mean losses over the logging window; ``lrs`` are the rates the last step used."""
-    keys = {k for r in reports for k in r}
-    means = {k: float(np.mean([r[k] for r in reports if k in r])) for k in keys}
+    means = window_means(reports)
     return {"kind": "train", "step": step, "epoch": step / epoch_steps, **means, **lrs,
             "samples_per_s": samples / max(seconds, 1e-9)}
 

@@ -36,11 +36,15 @@ def evaluate_interpolations(cfg: Config, initial: dict[str, torch.Tensor],
     from training.evaluation import evaluate_model
     from training.model import build_model
 
+    from training import accelerator
+
     model, backbone = build_model(cfg)
+    model.to(accelerator.current_device())  # on the rank's GPU when there is one, like training
+    accelerator.apply_precision(model, cfg.deepspeed.precision)
     sets = {"val": None, **({"general": cfg.eval.general} if cfg.eval.general else {})}
     results = {}
     for alpha in sorted({0.0, 1.0, *cfg.eval.wise_ft_alphas}):
-        model.load_state_dict(interpolate(initial, final, alpha))
+        model.load_state_dict(interpolate(initial, final, alpha))  # copies into the model's device
         results[f"{alpha:g}"] = {name: evaluate_model(model, backbone, cfg, shards) for name, shards in sets.items()}
     return results
 

@@ -157,11 +157,11 @@ class ContextualTask(Task):
         if self.options.mode != "zero_shot":
             scores = self.scores(frames, text, batch["static"]).float()
             losses["set_loss"] = F.cross_entropy(scores, targets)
-            report["acc"] = float((scores.argmax(1) == targets).float().mean())
+            report["acc"] = (scores.argmax(1) == targets).float().mean()
         clip_weight = 1.0 if self.options.mode == "zero_shot" else self.options.clip_loss_weight
         if clip_weight > 0:
             losses["clip_loss"] = clip_weight * self._clip_loss(frames, text, batch)
-        report["logit_scale"] = float(logit_scale(self.logit_scale).detach())
+        report["logit_scale"] = logit_scale(self.logit_scale).detach()
         return losses, report
 
     def _clip_loss(self, frames: torch.Tensor, text: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:

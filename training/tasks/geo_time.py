@@ -224,7 +224,7 @@ class GeoTimeTask(Task):
                 logits = logit_scale(self.relevance_logit_scale) * self.knowledge_scores(
                     q, tokens[q].detach(), fused, self.candidate_emb[q])
                 losses[f"{q}_relevance_loss"] = F.cross_entropy(logits, target)
-                report[f"{q}_relevance_acc"] = float((logits.argmax(1) == target).float().mean())
+                report[f"{q}_relevance_acc"] = (logits.argmax(1) == target).float().mean()
         return losses, report
 
     @torch.no_grad()

@@ -233,7 +233,7 @@ class MemeTask(Task):
         if self.options.stage != "qc":
             scale = logit_scale(self.qi_logit_scale)
             losses["qi_loss"] = symmetric_infonce(emb["query"], emb["qi"], ids, scale)
-            report["gate"] = float(self.qi.gate.detach().reshape(()))
+            report["gate"] = self.qi.gate.detach().reshape(())
         if self.options.stage != "qi":
             losses["qc_loss"] = symmetric_infonce(emb["query"], emb["context"], ids, logit_scale(self.qc_logit_scale))
         return losses, report

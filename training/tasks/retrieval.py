@@ -66,7 +66,7 @@ class RetrievalTask(Task):
             ids = gather_across_ranks(ids, False)
         scale = logit_scale(self.logit_scale)
         loss = symmetric_infonce(image, text, ids, scale)
-        return {"contrastive_loss": loss}, {"logit_scale": float(scale.detach())}
+        return {"contrastive_loss": loss}, {"logit_scale": scale.detach()}
 
     @torch.no_grad()
     def embed(self, backbone: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:

@@ -102,10 +102,10 @@ class TimeTask(Task):
     def training_forward(self, backbone, batch):
         logits = self._logits(self.embed_images(backbone, batch["image"]))
         losses = {"hour_loss": F.cross_entropy(logits["hour"].float(), batch["hour_bin"])}
-        report = {"hour_acc": float((logits["hour"].argmax(1) == batch["hour_bin"]).float().mean())}
+        report = {"hour_acc": (logits["hour"].argmax(1) == batch["hour_bin"]).float().mean()}
         if "month" in logits:
             losses["month_loss"] = F.cross_entropy(logits["month"].float(), batch["month"])
-            report["month_acc"] = float((logits["month"].argmax(1) == batch["month"]).float().mean())
+            report["month_acc"] = (logits["month"].argmax(1) == batch["month"]).float().mean()
         return losses, report
 
     @torch.no_grad()
