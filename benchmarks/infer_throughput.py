@@ -2,7 +2,7 @@
 
     python benchmarks/infer_throughput.py --configs tiny-vit ViT-B-32 --batches 1 32 --rounds 3
 
-CPU: open_clip's image tower with random weights (no downloads), exported with serving.export (the
+CPU: open_clip's image tower with random weights (no downloads), exported with training.export (the
 same code as launch/export.py), in fp32 and as the int8 copy of ``export --int8`` (dynamic
 quantisation, checked by cosine to fp32), against torch eager fp32 and torch's own dynamic int8
 quantisation of the Linear layers. Each round measures every (config, batch,
@@ -40,7 +40,7 @@ import onnxruntime as ort  # noqa: E402
 import open_clip  # noqa: E402
 import torch  # noqa: E402
 
-from serving.export import Graph, ImageEncoder, export_graph  # noqa: E402
+from training.export.exporter import Graph, ImageEncoder, export_graph  # noqa: E402
 from serving.runtime import RuntimeOptions, Session  # noqa: E402
 
 GFLOP_PER_IMAGE = {"ViT-B-32": 8.8}

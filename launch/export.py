@@ -1,4 +1,4 @@
-"""Export a training run to ONNX for torch-free batch inference (see serving/export.py).
+"""Export a training run to ONNX for torch-free batch inference (see training/export/exporter.py).
 
     python launch/export.py --checkpoint runs/retrieval_tiny --out exports/retrieval_tiny [--fp16] [--int8]
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("multiclip").setLevel(logging.INFO)
-    from serving.export import ParityError, export_run
+    from training.export.exporter import ParityError, export_run
 
     try:
         manifest = export_run(args.checkpoint, args.out, fp16=args.fp16, int8=args.int8)

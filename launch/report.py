@@ -11,26 +11,17 @@ import sys
 from pathlib import Path
 
 
-# The metrics a reader looks at first, per task; the rest are in metrics.json (or --all).
-HEADLINE = {
-    "retrieval": ["t2i_R@1", "i2t_R@1", "t2i_R@10", "zeroshot_top1", "candidate_f1"],
-    "time": ["hour_top1", "hour_top3", "hour_mae_minutes", "hour_within_30min", "month_top1", "retrieval_R@1"],
-    "geo_time": ["location_top1_base", "location_top1_knowledge", "location_top1_no_knowledge",
-                 "location_example_f1_base", "time_top1_base", "time_top1_knowledge", "time_top1_no_knowledge",
-                 "time_example_f1_base"],
-    "contextual": ["accuracy", "accuracy_video", "accuracy_static", "zeroshot_accuracy"],
-    "meme": ["fused_R@1", "fused_R@10", "qi_R@1", "qc_R@1", "fused_P@5"],
-}
-
-
 def task_tables(result: dict, everything: bool = False) -> list[str]:
-    """One table per task prefix of the metric keys (``<task>/<metric>``)."""
+    """One table per task prefix of the metric keys (``<task>/<metric>``), headline metrics only unless
+    ``everything``. Each task names its headline metrics (``Task.headline_metrics``); the trainer writes
+    them to metrics.json, so this report knows no task (runs without that list show every metric)."""
     tasks = list(dict.fromkeys(k.split("/")[0] for k in result["after"]))
+    headline = result.get("headline", {})
     tables = []
     for task in tasks:
         names = [k.split("/", 1)[1] for k in result["after"] if k.startswith(f"{task}/")]
-        if not everything and task in HEADLINE:
-            names = [n for n in HEADLINE[task] if n in names]
+        if not everything and headline.get(task):
+            names = [n for n in headline[task] if n in names]
         tables.append(f"{task}:\n" + format_table(result, [f"{task}/{n}" for n in names]))
     return tables
 

@@ -27,13 +27,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from serving.preprocess import Preprocess
+from shards import members as shard_members  # torch-free: the member names shared with training
 from serving.runtime import RuntimeOptions, Session
 from serving.tokenizer import BPETokenizer, WordPieceTokenizer
 
 LOG = logging.getLogger("multiclip.serving")
 TOWER_GRAPHS = ("image_encoder", "text_encoder")  # the large graphs; only these go to TensorRT
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
 # --------------------------------------------------------------------------- exported model
@@ -297,7 +296,7 @@ def shard_items(spec: str) -> Iterator[Item]:
 
 
 def _shard_item(url: str, key: str, members: dict[str, bytes]) -> Item:
-    image = next((members[k] for k in SHARD_IMAGE_KEYS if k in members), None)
+    image = shard_members.single_image(members)
     meta = None
     if "json" in members:
         try:
@@ -312,12 +311,7 @@ def _shard_item(url: str, key: str, members: dict[str, bytes]) -> Item:
 
 def frame_members(members: dict[str, bytes]) -> list[bytes]:
     """``0.jpg``, ``1.png``, ... in index order (stops at the first missing index)."""
-    frames = []
-    while True:
-        found = next((members[f"{len(frames)}.{e}"] for e in SHARD_IMAGE_KEYS if f"{len(frames)}.{e}" in members), None)
-        if found is None:
-            return frames
-        frames.append(found)
+    return shard_members.frames(members)
 
 
 def folder_items(folder: str | Path) -> Iterator[Item]:
@@ -325,14 +319,14 @@ def folder_items(folder: str | Path) -> Iterator[Item]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+    for path in sorted(p for p in folder.rglob("*") if shard_members.is_image_file(p.name)):
         yield Item(str(path.relative_to(folder)), str(path), path.read_bytes())
 
 
 def count_items(spec: str, kind: str) -> int | None:
     """Total for the progress bar: shard sizes.json where present, files in a folder."""
     if kind == "images":
-        return sum(1 for p in Path(spec).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        return sum(1 for p in Path(spec).rglob("*") if shard_members.is_image_file(p.name))
     total = 0
     for url in expand_shards(spec):
         sizes = Path(url).parent / "sizes.json"

@@ -5,17 +5,23 @@ json dict, and a task's ``map_fn`` turns them into tensors. The layout is descri
 """
 from __future__ import annotations
 
-from shards.reader import (
-    SKIP_REASONS,
-    SkipLog,
-    count_samples,
-    expand_urls,
-    make_eval_loader,
-    make_loader,
-    read_skip_logs,
-    summarize_skips,
-)
-from shards.writer import IMAGE_EXTENSIONS, ShardSetWriter, encode_image
+import importlib
+from typing import Any
+
+# Resolved on first use (PEP 562), so ``import shards.members`` (torch-free serving) does not import the
+# reader, whose DataLoader layer imports torch.
+_EXPORTS = {
+    "SKIP_REASONS": "shards.reader", "SkipLog": "shards.reader", "count_samples": "shards.reader",
+    "expand_urls": "shards.reader", "make_eval_loader": "shards.reader", "make_loader": "shards.reader",
+    "read_skip_logs": "shards.reader", "summarize_skips": "shards.reader",
+    "IMAGE_EXTENSIONS": "shards.writer", "ShardSetWriter": "shards.writer", "encode_image": "shards.writer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'shards' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -26,10 +26,11 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+from shards.members import IMAGE_MEMBERS
 from shards.records import SkipRecord, SourceRecord, write_records
 
 TASK = "meme"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_EXTENSIONS = tuple(f".{ext}" for ext in IMAGE_MEMBERS)  # images/{id}.<ext>: the member formats
 
 
 # --------------------------------------------------------------------------- reading the files

@@ -15,11 +15,13 @@ from typing import Any, Iterator
 
 from PIL import Image
 
+from shards.members import IMAGE_MEMBERS, WRITTEN_IMAGE_MEMBERS
 from shards.writer import ShardSetWriter
 
 LOGGER = logging.getLogger("multiclip.shards")
 SUMMARY_FILE = "summary.json"
-EXTENSION_ALIASES = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "webp": "webp"}
+# the member a source image's format is stored under (jpeg as jpg)
+EXTENSION_ALIASES = {ext: ext if ext in WRITTEN_IMAGE_MEMBERS else "jpg" for ext in IMAGE_MEMBERS}
 
 
 class SkipRecord(Exception):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -11,19 +10,15 @@ from typing import Any
 import webdataset as wds
 from PIL import Image
 
-IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+from shards.members import WRITTEN_IMAGE_MEMBERS as IMAGE_EXTENSIONS
+from shards.members import is_written_image_member
 SHARD_PATTERN = "shard-%06d.tar"
 SHARD_GLOB = "shard-*.tar"
 SIZES_FILE = "sizes.json"
 # Fixed member mtime: the same samples always give byte-identical tars.
 FIXED_MTIME = 0  # an int: a float mtime makes tarfile write an extra pax header per member
 
-_IMAGE_MEMBER = re.compile(r"^(?:\d+\.)?(?:" + "|".join(IMAGE_EXTENSIONS) + r")$")
-
-
-def is_image_member(name: str) -> bool:
-    """True for the member names that hold an image: ``jpg`` or, for multi-image samples, ``3.jpg``."""
-    return bool(_IMAGE_MEMBER.match(name))
+is_image_member = is_written_image_member  # the name the reader and converters use
 
 
 def validate_key(key: str) -> None:

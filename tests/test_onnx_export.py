@@ -48,7 +48,7 @@ def exported(tmp_path_factory, retrieval_shards, time_shards, geo_shards):
 
 
 def test_every_head_is_exported_with_parity(exported):
-    from serving.export import FP32_TOLERANCE, sha256
+    from training.export.exporter import FP32_TOLERANCE, sha256
 
     _, export = exported
     manifest = json.loads((export / "manifest.json").read_text())
@@ -77,7 +77,8 @@ def test_batch_axis_is_dynamic(exported):
 
 def test_reduced_precision_copies_are_checked_by_cosine(exported, tmp_path):
     """fp16 and int8 copies of the trained image tower: smaller files, cosine >= 0.999 to fp32, loadable."""
-    from serving.export import Graph, ImageEncoder, export_graph, fixed_images, load_run
+    from training.export.exporter import Graph, ImageEncoder, export_graph, fixed_images
+    from training.runs import load_run
     from serving.runtime import RuntimeOptions, Session
 
     run, _ = exported
@@ -95,7 +96,8 @@ def test_reduced_precision_copies_are_checked_by_cosine(exported, tmp_path):
 
 
 def test_reduced_precision_below_the_cosine_bound_is_loud(exported, tmp_path):
-    from serving.export import Graph, ImageEncoder, ParityError, check_cosine, export_graph, fixed_images, load_run
+    from training.export.exporter import Graph, ImageEncoder, ParityError, check_cosine, export_graph, fixed_images
+    from training.runs import load_run
 
     run, _ = exported
     _, backbone, _ = load_run(run)
@@ -107,7 +109,7 @@ def test_reduced_precision_below_the_cosine_bound_is_loud(exported, tmp_path):
 
 def test_parity_failure_is_loud(tmp_path):
     """A graph compared with a module whose weights differ: the check raises, naming the file."""
-    from serving.export import Graph, ParityError, check_fp32, to_onnx
+    from training.export.exporter import Graph, ParityError, check_fp32, to_onnx
 
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.GELU())
@@ -120,14 +122,23 @@ def test_parity_failure_is_loud(tmp_path):
         check_fp32(graph, tmp_path / "tiny.onnx")
 
 
-def test_task_without_exporter_is_refused(exported):
-    from serving.export import export_model, load_run
+def test_task_without_exporter_is_refused(exported, tmp_path):
     from training.config import ConfigError
+    from training.export.exporter import export_model
+    from training.runs import load_run
+    from training.tasks.base import Task
+
+    class NoExport(Task):
+        name = "no_export"
 
     run, _ = exported
     model, backbone, _ = load_run(run)
-    with pytest.raises(ConfigError, match="no ONNX exporter for task"):
-        export_model(model, backbone, ROOT / ".cache" / "never-written", tasks=["no_such_task"])
+    model.heads["no_export"] = NoExport(NoExport.Options(), backbone)
+    with pytest.raises(ConfigError, match="not heads of this model"):
+        export_model(model, backbone, tmp_path / "a", tasks=["no_such_task"])
+    with pytest.raises(ConfigError, match=r"\['no_export'\] define no ONNX export"):
+        export_model(model, backbone, tmp_path / "b", tasks=["time", "no_export"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before writing
 
 
 TEXTS = ["a photo of a red circle", "Two BLUE squares, at the bottom-right!", "it's 5 o'clock &amp; we're late",
@@ -168,13 +179,13 @@ def test_time_label_rewrite_twin():
 
 def test_contextual_scorer_exports_with_parity(tmp_path):
     """The ContextualCLIP head (transformer over the set, fusion scale 1000) in onnxruntime, untrained."""
-    from serving.export import EXPORTERS, FP32_TOLERANCE, ImageEncoder, export_graph, fixed_images
+    from training.export.exporter import FP32_TOLERANCE, ImageEncoder, export_graph, fixed_images
     from training.config import config_from_dict
     from training.model import build_model
 
     raw = tiny_config(tmp_path, tmp_path / "run", tasks=[{"name": "contextual", "options": {"ffn_dim": 128}}])
     model, backbone = build_model(config_from_dict(raw))
     model.eval()
-    head = EXPORTERS["contextual"](model.heads["contextual"], backbone, ImageEncoder(backbone.model)(fixed_images(backbone)).detach())
+    head = model.heads["contextual"].export_onnx(backbone, ImageEncoder(backbone.model)(fixed_images(backbone)).detach())
     entry = export_graph(head.graphs[0], tmp_path)
     assert entry["inputs"] == ["frames", "text", "static"] and entry["max_abs_diff_fp32"] <= FP32_TOLERANCE

@@ -20,7 +20,7 @@ def exported(tmp_path_factory, retrieval_shards, time_shards, geo_shards):
 
 @pytest.fixture(scope="module")
 def torch_model(exported):
-    from serving.export import load_run
+    from training.runs import load_run
 
     run, _ = exported
     return load_run(run)

@@ -43,7 +43,7 @@ def _jsonl(path: Path) -> list[dict]:
 def test_meme_graphs_pass_parity_and_the_bert_tokenizer_matches(meme_export):
     from transformers import BertTokenizerFast
 
-    from serving.export import FP32_TOLERANCE
+    from training.export.exporter import FP32_TOLERANCE
     from serving.infer import ExportedModel, meme_tokenizer
 
     shards, run, export = meme_export
@@ -65,7 +65,7 @@ def test_meme_graphs_pass_parity_and_the_bert_tokenizer_matches(meme_export):
 
 def _torch_ranking(run: Path, shards: Path) -> tuple[list[str], dict[str, torch.Tensor]]:
     """Keys of the held-out memes and PyTorch's [Q, G] branch scores (the task's own evaluation path)."""
-    from serving.export import load_run
+    from training.runs import load_run
     from training.data import eval_loader
     from training.losses import logit_scale
     from training.tasks.meme import branch_scores

@@ -42,7 +42,7 @@ def tower(tmp_path_factory) -> Path:
     """A tiny conv + LayerNorm + Linear "image tower" exported (dynamic batch) with its fp16 copy."""
     import torch
 
-    from serving.export import Graph, export_graph
+    from training.export.exporter import Graph, export_graph
 
     class Tower(torch.nn.Module):
         def __init__(self):

@@ -36,7 +36,7 @@ from sklearn.pipeline import make_pipeline
 from shards.reader import expand_urls, make_eval_loader
 from training import metrics
 from training.config import load_config
-from training.data import IMAGE_KEYS
+from shards.members import single_image
 from training.evaluation import load_weights
 from training.model import build_model
 from training.tasks.retrieval import RetrievalOptions, score_retrieval
@@ -71,7 +71,7 @@ class Samples:
 
 
 def _raw_sample(sample: dict[str, Any]) -> dict[str, Any]:
-    image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    image = single_image(sample)
     if image is None:
         raise KeyError(f"no image member among {sorted(sample)}")
     meta = sample["json"]

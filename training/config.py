@@ -220,12 +220,12 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
         problems.append(f"  - {err}")
     if cfg.model.init_weights and not Path(cfg.model.init_weights).exists():
         problems.append(f"  - model.init_weights: not found: {cfg.model.init_weights}")
-    if cfg.deepspeed.zero_stage == 3 and any(t.name == "geo_time" for t in cfg.tasks):
-        problems.append("  - deepspeed.zero_stage: geo_time reads the ViT's [CLS] and projection weights outside "
-                        "their module's forward, which ZeRO-3 does not gather; use stage 0-2")
-    if cfg.deepspeed.zero_stage == 3 and any(t.name == "meme" for t in cfg.tasks):
-        problems.append("  - deepspeed.zero_stage: meme reads the text tower's positional embedding outside its "
-                        "module's forward, which ZeRO-3 does not gather; use stage 0-2")
+    if cfg.deepspeed.zero_stage == 3:
+        for task in cfg.tasks:
+            reason = get_task_class(task.name).zero3_unsupported if task.name in list_tasks() else None
+            if reason:
+                problems.append(f"  - deepspeed.zero_stage: {task.name} {reason}, which ZeRO-3 does not gather; "
+                                "use stage 0-2")
     if cfg.deepspeed.config_file and not Path(cfg.deepspeed.config_file).is_file():
         problems.append(f"  - deepspeed.config_file: no such file {cfg.deepspeed.config_file!r}")
     elif cfg.deepspeed.config_file:

@@ -25,13 +25,13 @@ import torch
 from torch.utils.data import default_collate
 from torchvision import transforms as T
 
+from shards import members
 from shards.reader import count_samples, expand_urls, make_eval_loader, make_loader
 from training import accelerator
 from training.config import Config
 from training.distributed import DistInfo
 from training.model import Backbone
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 MAX_AUTO_WORKERS = 8  # more workers per rank rarely pay: each holds a shuffle buffer and prefetched batches
 ImageNorm = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel
 LOGGER = logging.getLogger("multiclip.data")
@@ -39,10 +39,9 @@ LOGGER = logging.getLogger("multiclip.data")
 
 def _map(sample: dict[str, Any], task, backbone: Backbone, train: bool) -> dict[str, Any]:
     """Expose the single image as ``image`` whatever its extension, then apply the task's mapping."""
-    for key in IMAGE_KEYS:
-        if key in sample:
-            sample["image"] = sample[key]
-            break
+    image = members.single_image(sample)
+    if image is not None:
+        sample["image"] = image
     return task.map_sample(sample, backbone, train)
 
 

@@ -25,9 +25,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 from torchvision import transforms
 
-from training.config import load_config
-from training.evaluation import load_weights
-from training.model import build_model
+from training.runs import load_run as load_full_run
 
 VIT_MASK_THRESHOLD = 0.3  # the spec's threshold for ViT masks
 
@@ -186,11 +184,7 @@ def peak(cam: np.ndarray) -> tuple[int, int]:
 
 def load_run(run_dir: str | Path):
     """The backbone of a finished run with its final weights: (open_clip model, preprocess, tokenizer)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir}: no config.yaml (expected a run folder)")
-    model, backbone = build_model(load_config(run_dir / "config.yaml"))
-    load_weights(model, run_dir)
+    model, backbone, _ = load_full_run(run_dir)
     return model.backbone.eval(), backbone.preprocess_val, backbone.tokenizer
 
 

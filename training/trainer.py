@@ -165,6 +165,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
                                                         "task_batches": taken},
                                dist_info, cfg.schedule.keep_checkpoints)
     result = {"step": step, "before": baseline, "after": final,
+              "headline": {name: list(head.headline_metrics) for name, head in model.heads.items()},
               "skipped_samples": summarize_skips(read_skip_logs(run_dir / "skipped"))}
     if dist_info.is_main:
         state = restore_scalar_shapes(ckpt.consolidated_state_dict(ckpt_dir, tag, cfg.deepspeed.zero_stage),

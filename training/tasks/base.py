@@ -5,13 +5,16 @@ so all tasks share one backbone and one DeepSpeed engine.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from training.model import Backbone
+
+if TYPE_CHECKING:
+    from training.export.graph import HeadExport
 
 
 class TaskOptions(BaseModel):
@@ -25,6 +28,11 @@ class Task(nn.Module):
 
     name: ClassVar[str]
     Options: ClassVar[type[TaskOptions]] = TaskOptions
+    # ZeRO-3 gathers a parameter only inside its own module's forward: a task that reads backbone
+    # parameters elsewhere says why here, and the config refuses deepspeed.zero_stage 3 with it
+    zero3_unsupported: ClassVar[str | None] = None
+    # the metrics a reader looks at first (launch/report.py's tables; the trainer writes them to metrics.json)
+    headline_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: TaskOptions, backbone: Backbone):
         super().__init__()
@@ -50,3 +58,13 @@ class Task(nn.Module):
     def evaluate(self, backbone: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         """Held-out metrics over an iterable of batches (every rank runs it identically)."""
         raise NotImplementedError
+
+    def export_onnx(self, backbone: Backbone, features: torch.Tensor) -> HeadExport:
+        """This head's inference part for ONNX: graphs (with example inputs) plus arrays, documents and
+        metadata for the manifest. ``features`` are the image tower's outputs on fixed images, example
+        inputs for graphs that start from them. ``serving/infer.py`` has the matching predictor."""
+        raise NotImplementedError(f"task {self.name!r} defines no ONNX export")
+
+    @classmethod
+    def exports_onnx(cls) -> bool:
+        return cls.export_onnx is not Task.export_onnx

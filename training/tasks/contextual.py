@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shards import members
+from training.export.graph import Graph, HeadExport
 from training.losses import gather_across_ranks, initial_log_logit_scale, logit_scale, symmetric_infonce, text_id
 from training.model import Backbone
 from training.registry import register_task
@@ -112,6 +114,7 @@ class ContextualHead(nn.Module):
 @register_task("contextual")
 class ContextualTask(Task):
     Options = ContextualOptions
+    headline_metrics = ("accuracy", "accuracy_video", "accuracy_static", "zeroshot_accuracy")
 
     def __init__(self, options: ContextualOptions, backbone: Backbone):
         super().__init__(options, backbone)
@@ -189,11 +192,31 @@ class ContextualTask(Task):
         out.update({f"zeroshot_{k}": v for k, v in zero_shot.items() if k.startswith("accuracy") and k != "accuracy_chance"})
         return out
 
+    def export_onnx(self, backbone: Backbone, features: torch.Tensor) -> HeadExport:
+        n, d = self.options.num_candidates, features.shape[-1]
+        g = torch.Generator().manual_seed(1)
+        frames = F.normalize(features[:3, None] + 0.1 * torch.randn(3, n, d, generator=g), dim=-1)
+        text = F.normalize(features[1:4] + 0.1 * torch.randn(3, d, generator=g), dim=-1)
+        graph = Graph("contextual_scorer", ContextualScorer(self),
+                      {"frames": frames, "text": text, "static": torch.tensor([False, True, False])}, ["scores"])
+        return HeadExport([graph], meta={"num_candidates": n, "mode": self.options.mode})
+
+
+class ContextualScorer(nn.Module):
+    """frames [B, C, D] and text [B, D] (normalised), static [B] bool -> scores [B, C] (the configured mode)."""
+
+    def __init__(self, task: nn.Module):
+        super().__init__()
+        self.task = task
+
+    def forward(self, frames, text, static):
+        return self.task.scores(frames, text, static)
+
 
 def frame_image(sample: dict[str, Any], index: int):
     """The decoded image member ``<index>.jpg`` (or png/webp/jpeg) of a multi-image sample."""
-    for ext in ("jpg", "png", "webp", "jpeg"):
-        name = f"{index}.{ext}"
-        if name in sample:
-            return sample[name]
-    raise ValueError(f"sample {sample.get('__key__')!r} has no image member '{index}.jpg|png|webp'")
+    image = members.frame(sample, index)
+    if image is None:
+        raise ValueError(f"sample {sample.get('__key__')!r} has no image member '{index}.<{'|'.join(members.IMAGE_MEMBERS)}>'"
+                         f" (members: {members.describe(sample)})")
+    return image

@@ -21,16 +21,19 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from training import knowledge, metrics
 from training.config import ConfigError
+from training.export.graph import Graph, HeadExport, fixed_images
 from training.losses import gather_across_ranks, logit_scale, symmetric_infonce, text_id
 from training.model import Backbone
 from training.registry import register_task
 from training.tasks.base import Task, TaskOptions
+
 
 QUANTITIES = ("location", "time")
 GOLD_FIELDS = {"location": "gold_location", "time": "gold_time"}
@@ -110,6 +113,10 @@ class RelevanceModule(nn.Module):
 
 @register_task("geo_time")
 class GeoTimeTask(Task):
+    zero3_unsupported = "reads the ViT's [CLS] and projection weights outside their module's forward"
+    headline_metrics = ("location_top1_base", "location_top1_knowledge", "location_top1_no_knowledge",
+                        "location_example_f1_base", "time_top1_base", "time_top1_knowledge", "time_top1_no_knowledge",
+                        "time_example_f1_base")
     Options = GeoTimeOptions
 
     def __init__(self, options: GeoTimeOptions, backbone: Backbone):
@@ -296,6 +303,69 @@ class GeoTimeTask(Task):
             for name in ("base", "knowledge", "no_knowledge"):
                 result[f"{q}_top1_{name}_chance"] = 1 / len(candidates)
         return result
+
+    def export_onnx(self, backbone: Backbone, features: torch.Tensor) -> HeadExport:
+        """The [CLS] encoder from pixels; per quantity, the relevance module over retrieved knowledge."""
+        opts = self.options
+        clip = backbone.model
+        images = fixed_images(backbone)
+        graphs = [Graph("geo_time_encoder", GeoTimeEncoder(self, clip), {"pixels": images},
+                        ["image_embedding", "location_tokens", "time_tokens"])]
+        arrays: dict[str, np.ndarray] = {}
+        meta: dict[str, Any] = {"quantities": list(QUANTITIES), "prompt": opts.prompt, "num_cls_tokens": opts.num_cls_tokens,
+                                "top_k": opts.knowledge_top_k, "stage": opts.stage}
+        documents: dict[str, Any] = {"geo_time_labels": self.labels} if self.labels else {}
+        if opts.stage != "quantity" and opts.knowledge_corpus:
+            texts, corpus = knowledge.embed_corpus(clip, backbone.tokenizer, opts.knowledge_corpus, cache=False)
+            arrays["geo_time_knowledge"] = corpus.float().numpy()
+            documents["geo_time_knowledge"] = texts
+            with torch.no_grad():
+                image, tokens = self.encode(clip, images)
+            with_image = bool(getattr(opts, "retrieve_with_image", False))  # the image [CLS] queries the corpus too
+            for q in QUANTITIES:
+                queries = torch.cat([tokens[q], image[:, None]], dim=1) if with_image else tokens[q]
+                _, ids = knowledge.search(queries.reshape(-1, queries.shape[-1]), corpus, opts.knowledge_top_k)
+                retrieved = corpus[ids.reshape(images.shape[0], -1)]
+                labels = self.labels[q] if self.labels else ["a", "b", "c"]
+                candidates = knowledge.embed_texts(clip, backbone.tokenizer, [prompt_text(opts.prompt, q, x) for x in labels])
+                graphs.append(Graph(f"geo_time_relevance_{q}", GeoTimeRelevance(self, q),
+                                    {"tokens": tokens[q], "image": image, "retrieved": retrieved, "candidates": candidates},
+                                    ["scores"], dynamic={"candidates": {0: "candidates"}}))
+                if self.labels:
+                    arrays[f"geo_time_candidates_{q}"] = candidates.float().numpy()
+            meta["retrieve_with_image"] = with_image
+        return HeadExport(graphs, arrays=arrays, documents=documents, meta=meta)
+
+
+class GeoTimeEncoder(nn.Module):
+    """pixels -> (image embedding, location [CLS] tokens [B, K, D], time [CLS] tokens), all normalised."""
+
+    def __init__(self, task: nn.Module, clip: nn.Module):
+        super().__init__()
+        self.task, self.clip = task, clip
+
+    def forward(self, pixels: torch.Tensor):
+        image, tokens = self.task.encode(self.clip, pixels)
+        return image, tokens["location"], tokens["time"]
+
+
+class GeoTimeRelevance(nn.Module):
+    """Knowledge fusion and scores for one quantity, given the retrieved corpus embeddings.
+
+    Inputs: tokens [B, K, D], image [B, D], retrieved [B, K * top_k, D] (found by exact search over
+    the exported corpus, in NumPy), candidates [C, D] (label prompt embeddings). Output: the fused
+    score of every candidate [B, C] (the quantity module's max over tokens + gate * fused cosine).
+    """
+
+    def __init__(self, task: nn.Module, quantity: str):
+        super().__init__()
+        self.task, self.quantity = task, quantity
+
+    def forward(self, tokens, image, retrieved, candidates):
+        query = F.normalize(tokens.mean(dim=1), dim=-1)
+        items = torch.cat([query[:, None], image[:, None], retrieved], dim=1)
+        fused, _ = self.task.relevance[self.quantity](query, items)
+        return self.task.knowledge_scores(self.quantity, tokens, fused, candidates)
 
 
 def score_predictions(quantity: str, predictions: list[str], golds: list[str], name: str) -> dict[str, float]:

@@ -26,10 +26,12 @@ from torch import nn
 
 from training import metrics
 from training.config import ConfigError
+from training.export.graph import FIXED_TEXTS, Graph, HeadExport
 from training.losses import gather_across_ranks, logit_scale, symmetric_infonce, text_id
 from training.model import Backbone
 from training.registry import register_task
 from training.tasks.base import Task, TaskOptions
+
 
 BRANCHES = ("qi", "qc", "fused")
 
@@ -173,6 +175,8 @@ class QIHead(nn.Module):
 @register_task("meme")
 class MemeTask(Task):
     Options = MemeOptions
+    zero3_unsupported = "reads the text tower's positional embedding outside its module's forward"
+    headline_metrics = ("fused_R@1", "fused_R@10", "qi_R@1", "qc_R@1", "fused_P@5")
 
     def __init__(self, options: MemeOptions, backbone: Backbone):
         super().__init__(options, backbone)
@@ -250,6 +254,63 @@ class MemeTask(Task):
         scores = branch_scores(emb, float(logit_scale(self.qi_logit_scale).reshape(())),
                                float(logit_scale(self.qc_logit_scale).reshape(())), self.options.alpha)
         return score_meme(scores, captions, self.options.ks)
+
+    def export_onnx(self, backbone: Backbone, features: torch.Tensor) -> HeadExport:
+        """Frozen BERT (emotion features), the QI head (from image features); QC is text_encoder.onnx alone.
+
+        The BERT tokenizer is written by :func:`export_model` (it needs the output folder): see ``files``.
+        """
+        from training.losses import logit_scale
+
+        emotions = self.emotions
+        texts = ["happy angry", "sad", "", "surprised happy fearful disgusted"]
+        tokens = emotions.tokenizer(texts, padding=True, truncation=True, max_length=emotions.max_length, return_tensors="pt")
+        ids, mask = tokens["input_ids"].long(), tokens["attention_mask"].long()
+        bert = EmotionEncoder(emotions.model.cpu())
+        token_axes = {0: "batch", 1: "tokens"}
+        with torch.no_grad():
+            emotion_features = bert(ids, mask)
+        context_ids = backbone.tokenizer(FIXED_TEXTS)
+        graphs = [Graph("meme_emotion_encoder", bert, {"input_ids": ids, "attention_mask": mask}, ["emotion_features"],
+                        dynamic={"input_ids": token_axes, "attention_mask": token_axes}),
+                  Graph("meme_qi", MemeQI(self, backbone.model),
+                        {"image_features": features, "emotion_features": emotion_features, "context_ids": context_ids},
+                        ["qi_embedding"])]
+        opts = self.options
+        meta = {"alpha": float(opts.alpha), "stage": opts.stage, "emotion_max_length": int(emotions.max_length),
+                "qi_logit_scale": float(logit_scale(self.qi_logit_scale.detach()).reshape(())),
+                "qc_logit_scale": float(logit_scale(self.qc_logit_scale.detach()).reshape(())),
+                "emotion_tokenizer": f"{MEME_TOKENIZER_DIR}/tokenizer.json",
+                "pad_token_id": int(emotions.tokenizer.pad_token_id), "pad_token": str(emotions.tokenizer.pad_token)}
+        return HeadExport(graphs, meta=meta, files={MEME_TOKENIZER_DIR: emotions.tokenizer.save_pretrained})
+
+
+class EmotionEncoder(nn.Module):
+    """The frozen BERT: (input_ids, attention_mask) [B, L] -> mean-pooled last states [B, H], as the meme task pools."""
+
+    def __init__(self, bert: nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        states = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
+        mask = attention_mask[..., None].float()
+        return (states * mask).sum(1) / mask.sum(1)
+
+
+class MemeQI(nn.Module):
+    """(image_features [B, D] from image_encoder.onnx, emotion_features [B, H], context_ids [B, L]) -> v' [B, D] (normalised)."""
+
+    def __init__(self, task: nn.Module, clip: nn.Module):
+        super().__init__()
+        self.task, self.clip = task, clip
+
+    def forward(self, image_features, emotion_features, context_ids):
+        _, states, padding = encode_text_with_tokens(self.clip, context_ids)
+        return self.task.qi(image_features, emotion_features, states, padding)
+
+
+MEME_TOKENIZER_DIR = "meme_emotion_tokenizer"  # tokenizer.json of the frozen BERT (the `tokenizers` package reads it)
 
 
 def branch_scores(emb: dict[str, torch.Tensor], qi_scale: float, qc_scale: float, alpha: float) -> dict[str, torch.Tensor]:

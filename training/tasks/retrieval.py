@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training import metrics
+from training.export.graph import HeadExport
 from training.losses import gather_across_ranks, initial_log_logit_scale, logit_scale, symmetric_infonce, text_id
 from training.model import Backbone
 from training.registry import register_task
@@ -33,6 +34,7 @@ class RetrievalOptions(TaskOptions):
 @register_task("retrieval")
 class RetrievalTask(Task):
     Options = RetrievalOptions
+    headline_metrics = ("t2i_R@1", "i2t_R@1", "t2i_R@10", "zeroshot_top1", "candidate_f1")
 
     def __init__(self, options: RetrievalOptions, backbone: Backbone):
         super().__init__(options, backbone)
@@ -99,6 +101,13 @@ class RetrievalTask(Task):
 
     def _classnames(self, emb: dict[str, Any]) -> list[str]:
         return list(self.options.classnames) if self.options.classnames else sorted(set(emb["label"]))
+
+    def export_onnx(self, backbone: Backbone, features: torch.Tensor) -> HeadExport:
+        """Retrieval is cosine similarity of the towers' normalised outputs: no graph of its own."""
+        opts = self.options
+        return HeadExport([], meta={"templates": list(opts.templates),
+                                    "classnames": list(opts.classnames) if opts.classnames else None,
+                                    "logit_scale": float(self.logit_scale.detach().exp().clamp(max=100))})
 
 
 def score_retrieval(emb: dict[str, Any], class_emb: torch.Tensor, classnames: list[str],

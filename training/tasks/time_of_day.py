@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from training import metrics
+from training.export.graph import Graph, HeadExport
 from training.losses import logit_scale
 from training.model import Backbone
 from training.registry import register_task
 from training.tasks.base import Task, TaskOptions
+
 
 MINUTES_PER_DAY = 24 * 60
 
@@ -67,6 +69,8 @@ class TimeEncoder(nn.Module):
 @register_task("time")
 class TimeTask(Task):
     Options = TimeOptions
+    headline_metrics = ("hour_top1", "hour_top3", "hour_mae_minutes", "hour_within_30min", "month_top1",
+                        "retrieval_R@1")
 
     def __init__(self, options: TimeOptions, backbone: Backbone):
         super().__init__(options, backbone)
@@ -122,6 +126,29 @@ class TimeTask(Task):
             parts["month_true"].append(batch["month"].cpu())
         cat = {k: torch.cat(v) for k, v in parts.items() if v}
         return score_time(cat, self.options)
+
+    def export_onnx(self, backbone: Backbone, features: torch.Tensor) -> HeadExport:
+        opts = self.options
+        outputs = ["time_embedding", "hour_logits"] + (["month_logits"] if opts.predict_month else [])
+        graph = Graph("time_head", TimeHead(self), {"image_features": features}, outputs)
+        bins = opts.hour_bins
+        centres = [(i + 0.5) * 24 * 60 / bins for i in range(bins)]
+        return HeadExport([graph], meta={"hour_bins": bins, "hour_bin_centre_minutes": centres,
+                                         "predict_month": opts.predict_month, "months": list(range(1, 13))})
+
+
+class TimeHead(nn.Module):
+    """image_features -> (time embedding, hour logits, month logits); bin embeddings are constants."""
+
+    def __init__(self, task: nn.Module):
+        super().__init__()
+        self.task = task
+
+    def forward(self, image_features: torch.Tensor):
+        # the task's adapter reads the backbone forward's output, which open_clip normalises
+        image = F.normalize(self.task.adapter(F.normalize(image_features, dim=-1)), dim=-1)
+        logits = self.task._logits(image)
+        return (image, logits["hour"], logits["month"]) if "month" in logits else (image, logits["hour"])
 
 
 def score_time(out: dict[str, torch.Tensor], options: TimeOptions) -> dict[str, float]:

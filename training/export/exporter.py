@@ -1,4 +1,4 @@
-"""Export a training run to ONNX (torch side; the serving side in this package never imports torch).
+"""Export a training run to ONNX (training side: torch; the serving runtime in ``serving/`` reads the result).
 
 What a run becomes (``launch/export.py --checkpoint runs/<run> --out DIR``):
 
@@ -13,8 +13,9 @@ Every graph has a dynamic batch axis and is checked against torch with onnxrunti
 export on fixed inputs (max |diff| <= 1e-4 in fp32; cosine >= 0.999 for the optional fp16 and int8 copies);
 a failed check raises :class:`ParityError` and the export stops.
 
-Heads plug in through :func:`register_exporter`: an exporter turns a task module into graphs plus
-files and metadata, and ``serving/infer.py`` has the matching torch-free predictor.
+Each head describes its own export in its task file (``Task.export_onnx``: graphs plus files and
+metadata, see :mod:`training.export.graph`), and ``serving/infer.py`` has the matching torch-free
+predictor. This is the training side: it imports torch; ``serving/`` reads what it writes.
 """
 from __future__ import annotations
 
@@ -25,21 +26,20 @@ import platform
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import open_clip
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from training.config import ConfigError, config_from_dict
-from training.evaluation import load_weights
-from training.model import Backbone, MultiTaskModel, build_model
+from training.config import ConfigError
+from training.export.graph import FIXED_TEXTS, Graph, HeadExport, ImageEncoder, TextEncoder, fixed_images, image_size
+from training.model import Backbone, MultiTaskModel
+from training.runs import load_run
 
 LOG = logging.getLogger("multiclip.export")
 FORMAT = "multiclip-onnx/1"
@@ -52,83 +52,7 @@ class ParityError(RuntimeError):
     """onnxruntime's outputs differ from torch's beyond the tolerance."""
 
 
-@dataclass
-class Graph:
-    """One module to export: example inputs (batch first), output names, which input axes are dynamic."""
-
-    name: str
-    module: nn.Module
-    inputs: dict[str, torch.Tensor]
-    outputs: list[str]
-    dynamic: dict[str, dict[int, str]] = field(default_factory=dict)  # input -> {axis: dim name}; default batch
-
-
-@dataclass
-class HeadExport:
-    graphs: list[Graph]
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # saved as <name>.npy
-    documents: dict[str, Any] = field(default_factory=dict)  # saved as <name>.json (label sets, corpora)
-    meta: dict[str, Any] = field(default_factory=dict)  # manifest["tasks"][task]
-    files: dict[str, Callable[[Path], Any]] = field(default_factory=dict)  # folder name -> writer(out / name)
-
-
-ExporterFn = Callable[[nn.Module, Backbone, torch.Tensor], HeadExport]
-EXPORTERS: dict[str, ExporterFn] = {}
-
-
-def register_exporter(task: str) -> Callable[[ExporterFn], ExporterFn]:
-    """Register the function that exports ``task``'s inference part (one per task, duplicates raise)."""
-
-    def decorate(fn: ExporterFn) -> ExporterFn:
-        if task in EXPORTERS:
-            raise ValueError(f"an ONNX exporter for {task!r} is already registered")
-        EXPORTERS[task] = fn
-        return fn
-
-    return decorate
-
-
 # --------------------------------------------------------------------------- backbone towers
-
-
-class ImageEncoder(nn.Module):
-    def __init__(self, clip: nn.Module):
-        super().__init__()
-        self.clip = clip
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.clip.encode_image(pixels)
-
-
-class TextEncoder(nn.Module):
-    def __init__(self, clip: nn.Module):
-        super().__init__()
-        self.clip = clip
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.clip.encode_text(input_ids)
-
-
-def fixed_images(backbone: Backbone, n: int = 4) -> torch.Tensor:
-    """Deterministic, image-like inputs: a seeded uniform [0, 1] image normalised as open_clip does."""
-    size = image_size(backbone.model)
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(n, 3, size, size, generator=g)
-    cfg = backbone.model.visual.preprocess_cfg
-    mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-FIXED_TEXTS = ["a photo of a red circle", "two blue squares at the bottom right", "a photo taken in May, 2017",
-               "sunset over the sea at 19:30 in summer, long shadows and an orange sky"]
-
-
-def image_size(clip: nn.Module) -> int:
-    size = clip.visual.image_size
-    size = size if isinstance(size, int) else size[0]
-    if isinstance(clip.visual.image_size, (tuple, list)) and len(set(clip.visual.image_size)) != 1:
-        raise ConfigError(f"only square input sizes are exported, got {clip.visual.image_size}")
-    return int(size)
 
 
 def backbone_graphs(backbone: Backbone) -> list[Graph]:
@@ -341,27 +265,6 @@ def tokenizer_meta(tokenizer: Any, out: Path) -> dict[str, Any]:
             "context_length": int(tokenizer.context_length), "clean": clean}
 
 
-# --------------------------------------------------------------------------- runs
-
-
-def load_run(run_dir: str | Path) -> tuple[MultiTaskModel, Backbone, dict[str, Any]]:
-    """The model of a training run, rebuilt from ``final/config.json`` and ``final/model.safetensors``.
-
-    The backbone is built without its pretrained tag (the run's own weights replace it), so exporting
-    needs no download.
-    """
-    final = Path(run_dir) / "final"
-    if not (final / "config.json").is_file() or not (final / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{final}: expected config.json and model.safetensors (a finished training run)")
-    raw = json.loads((final / "config.json").read_text())
-    raw["model"] = {**raw["model"], "pretrained": None, "init_weights": None}
-    cfg = config_from_dict(raw, source=str(final / "config.json"))
-    model, backbone = build_model(cfg)
-    load_weights(model, final / "model.safetensors")
-    model.eval()
-    return model, backbone, raw
-
-
 def versions() -> dict[str, str]:
     import onnxscript
 
@@ -392,13 +295,16 @@ def export_model(model: MultiTaskModel, backbone: Backbone, out: str | Path, fp1
         ParityError: a graph's onnxruntime outputs differ from torch's.
         ConfigError: a head without an exporter, or a tokenizer/preprocessing without a NumPy twin.
     """
+    tasks = list(model.heads) if tasks is None else tasks
+    unknown = [t for t in tasks if t not in model.heads]
+    if unknown:
+        raise ConfigError(f"task(s) {unknown} are not heads of this model (heads: {sorted(model.heads)})")
+    missing = [t for t in tasks if not model.heads[t].exports_onnx()]
+    if missing:
+        raise ConfigError(f"task(s) {missing} define no ONNX export (Task.export_onnx)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
-    tasks = list(model.heads) if tasks is None else tasks
-    missing = [t for t in tasks if t not in EXPORTERS]
-    if missing:
-        raise ConfigError(f"no ONNX exporter for task(s) {missing}; exporters: {sorted(EXPORTERS)}")
     manifest: dict[str, Any] = {
         "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": source,
         "model_name": model_name, "embed_dim": backbone.embed_dim, "versions": versions(),
@@ -410,7 +316,7 @@ def export_model(model: MultiTaskModel, backbone: Backbone, out: str | Path, fp1
         manifest["graphs"][graph.name] = export_graph(graph, out, fp16_only + (("int8",) if int8 else ()))
     features = ImageEncoder(backbone.model)(fixed_images(backbone)).detach()
     for task in tasks:
-        head = EXPORTERS[task](model.heads[task], backbone, features)
+        head: HeadExport = model.heads[task].export_onnx(backbone, features)
         for graph in head.graphs:
             manifest["graphs"][graph.name] = export_graph(graph, out, fp16_only)
         for name, array in head.arrays.items():
@@ -435,192 +341,3 @@ def export_run(run_dir: str | Path, out: str | Path, fp16: bool = False, int8: b
     model, backbone, raw = load_run(run_dir)
     return export_model(model, backbone, out, fp16, int8, model_name=raw["model"]["name"],
                         source=str(Path(run_dir).resolve()))
-
-
-# --------------------------------------------------------------------------- heads
-# An exporter gets the task module, the backbone and image features of the fixed images (example
-# inputs for graphs that start from them) and returns graphs + arrays + metadata.
-
-
-@register_exporter("retrieval")
-def export_retrieval(task: nn.Module, backbone: Backbone, features: torch.Tensor) -> HeadExport:
-    """Retrieval is cosine similarity of the towers' normalised outputs: no graph of its own."""
-    opts = task.options
-    return HeadExport([], meta={"templates": list(opts.templates),
-                                "classnames": list(opts.classnames) if opts.classnames else None,
-                                "logit_scale": float(task.logit_scale.detach().exp().clamp(max=100))})
-
-
-class TimeHead(nn.Module):
-    """image_features -> (time embedding, hour logits, month logits); bin embeddings are constants."""
-
-    def __init__(self, task: nn.Module):
-        super().__init__()
-        self.task = task
-
-    def forward(self, image_features: torch.Tensor):
-        # the task's adapter reads the backbone forward's output, which open_clip normalises
-        image = F.normalize(self.task.adapter(F.normalize(image_features, dim=-1)), dim=-1)
-        logits = self.task._logits(image)
-        return (image, logits["hour"], logits["month"]) if "month" in logits else (image, logits["hour"])
-
-
-@register_exporter("time")
-def export_time(task: nn.Module, backbone: Backbone, features: torch.Tensor) -> HeadExport:
-    opts = task.options
-    outputs = ["time_embedding", "hour_logits"] + (["month_logits"] if opts.predict_month else [])
-    graph = Graph("time_head", TimeHead(task), {"image_features": features}, outputs)
-    bins = opts.hour_bins
-    centres = [(i + 0.5) * 24 * 60 / bins for i in range(bins)]
-    return HeadExport([graph], meta={"hour_bins": bins, "hour_bin_centre_minutes": centres,
-                                     "predict_month": opts.predict_month, "months": list(range(1, 13))})
-
-
-class GeoTimeEncoder(nn.Module):
-    """pixels -> (image embedding, location [CLS] tokens [B, K, D], time [CLS] tokens), all normalised."""
-
-    def __init__(self, task: nn.Module, clip: nn.Module):
-        super().__init__()
-        self.task, self.clip = task, clip
-
-    def forward(self, pixels: torch.Tensor):
-        image, tokens = self.task.encode(self.clip, pixels)
-        return image, tokens["location"], tokens["time"]
-
-
-class GeoTimeRelevance(nn.Module):
-    """Knowledge fusion and scores for one quantity, given the retrieved corpus embeddings.
-
-    Inputs: tokens [B, K, D], image [B, D], retrieved [B, K * top_k, D] (found by exact search over
-    the exported corpus, in NumPy), candidates [C, D] (label prompt embeddings). Output: the fused
-    score of every candidate [B, C] (the quantity module's max over tokens + gate * fused cosine).
-    """
-
-    def __init__(self, task: nn.Module, quantity: str):
-        super().__init__()
-        self.task, self.quantity = task, quantity
-
-    def forward(self, tokens, image, retrieved, candidates):
-        query = F.normalize(tokens.mean(dim=1), dim=-1)
-        items = torch.cat([query[:, None], image[:, None], retrieved], dim=1)
-        fused, _ = self.task.relevance[self.quantity](query, items)
-        return self.task.knowledge_scores(self.quantity, tokens, fused, candidates)
-
-
-@register_exporter("geo_time")
-def export_geo_time(task: nn.Module, backbone: Backbone, features: torch.Tensor) -> HeadExport:
-    from training import knowledge
-    from training.tasks.geo_time import QUANTITIES, prompt_text
-
-    opts = task.options
-    clip = backbone.model
-    images = fixed_images(backbone)
-    graphs = [Graph("geo_time_encoder", GeoTimeEncoder(task, clip), {"pixels": images},
-                    ["image_embedding", "location_tokens", "time_tokens"])]
-    arrays: dict[str, np.ndarray] = {}
-    meta: dict[str, Any] = {"quantities": list(QUANTITIES), "prompt": opts.prompt, "num_cls_tokens": opts.num_cls_tokens,
-                            "top_k": opts.knowledge_top_k, "stage": opts.stage}
-    documents: dict[str, Any] = {"geo_time_labels": task.labels} if task.labels else {}
-    if opts.stage != "quantity" and opts.knowledge_corpus:
-        texts, corpus = knowledge.embed_corpus(clip, backbone.tokenizer, opts.knowledge_corpus, cache=False)
-        arrays["geo_time_knowledge"] = corpus.float().numpy()
-        documents["geo_time_knowledge"] = texts
-        with torch.no_grad():
-            image, tokens = task.encode(clip, images)
-        with_image = bool(getattr(opts, "retrieve_with_image", False))  # the image [CLS] queries the corpus too
-        for q in QUANTITIES:
-            queries = torch.cat([tokens[q], image[:, None]], dim=1) if with_image else tokens[q]
-            _, ids = knowledge.search(queries.reshape(-1, queries.shape[-1]), corpus, opts.knowledge_top_k)
-            retrieved = corpus[ids.reshape(images.shape[0], -1)]
-            labels = task.labels[q] if task.labels else ["a", "b", "c"]
-            candidates = knowledge.embed_texts(clip, backbone.tokenizer, [prompt_text(opts.prompt, q, x) for x in labels])
-            graphs.append(Graph(f"geo_time_relevance_{q}", GeoTimeRelevance(task, q),
-                                {"tokens": tokens[q], "image": image, "retrieved": retrieved, "candidates": candidates},
-                                ["scores"], dynamic={"candidates": {0: "candidates"}}))
-            if task.labels:
-                arrays[f"geo_time_candidates_{q}"] = candidates.float().numpy()
-        meta["retrieve_with_image"] = with_image
-    return HeadExport(graphs, arrays=arrays, documents=documents, meta=meta)
-
-
-class ContextualScorer(nn.Module):
-    """frames [B, C, D] and text [B, D] (normalised), static [B] bool -> scores [B, C] (the configured mode)."""
-
-    def __init__(self, task: nn.Module):
-        super().__init__()
-        self.task = task
-
-    def forward(self, frames, text, static):
-        return self.task.scores(frames, text, static)
-
-
-@register_exporter("contextual")
-def export_contextual(task: nn.Module, backbone: Backbone, features: torch.Tensor) -> HeadExport:
-    n, d = task.options.num_candidates, features.shape[-1]
-    g = torch.Generator().manual_seed(1)
-    frames = F.normalize(features[:3, None] + 0.1 * torch.randn(3, n, d, generator=g), dim=-1)
-    text = F.normalize(features[1:4] + 0.1 * torch.randn(3, d, generator=g), dim=-1)
-    graph = Graph("contextual_scorer", ContextualScorer(task),
-                  {"frames": frames, "text": text, "static": torch.tensor([False, True, False])}, ["scores"])
-    return HeadExport([graph], meta={"num_candidates": n, "mode": task.options.mode})
-
-
-class EmotionEncoder(nn.Module):
-    """The frozen BERT: (input_ids, attention_mask) [B, L] -> mean-pooled last states [B, H], as the meme task pools."""
-
-    def __init__(self, bert: nn.Module):
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        states = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
-        mask = attention_mask[..., None].float()
-        return (states * mask).sum(1) / mask.sum(1)
-
-
-class MemeQI(nn.Module):
-    """(image_features [B, D] from image_encoder.onnx, emotion_features [B, H], context_ids [B, L]) -> v' [B, D] (normalised)."""
-
-    def __init__(self, task: nn.Module, clip: nn.Module):
-        super().__init__()
-        self.task, self.clip = task, clip
-
-    def forward(self, image_features, emotion_features, context_ids):
-        from training.tasks.meme import encode_text_with_tokens
-
-        _, states, padding = encode_text_with_tokens(self.clip, context_ids)
-        return self.task.qi(image_features, emotion_features, states, padding)
-
-
-MEME_TOKENIZER_DIR = "meme_emotion_tokenizer"  # tokenizer.json of the frozen BERT (the `tokenizers` package reads it)
-
-
-@register_exporter("meme")
-def export_meme(task: nn.Module, backbone: Backbone, features: torch.Tensor) -> HeadExport:
-    """Frozen BERT (emotion features), the QI head (from image features); QC is text_encoder.onnx alone.
-
-    The BERT tokenizer is written by :func:`export_model` (it needs the output folder): see ``files``.
-    """
-    from training.losses import logit_scale
-
-    emotions = task.emotions
-    texts = ["happy angry", "sad", "", "surprised happy fearful disgusted"]
-    tokens = emotions.tokenizer(texts, padding=True, truncation=True, max_length=emotions.max_length, return_tensors="pt")
-    ids, mask = tokens["input_ids"].long(), tokens["attention_mask"].long()
-    bert = EmotionEncoder(emotions.model.cpu())
-    token_axes = {0: "batch", 1: "tokens"}
-    with torch.no_grad():
-        emotion_features = bert(ids, mask)
-    context_ids = backbone.tokenizer(FIXED_TEXTS)
-    graphs = [Graph("meme_emotion_encoder", bert, {"input_ids": ids, "attention_mask": mask}, ["emotion_features"],
-                    dynamic={"input_ids": token_axes, "attention_mask": token_axes}),
-              Graph("meme_qi", MemeQI(task, backbone.model),
-                    {"image_features": features, "emotion_features": emotion_features, "context_ids": context_ids},
-                    ["qi_embedding"])]
-    opts = task.options
-    meta = {"alpha": float(opts.alpha), "stage": opts.stage, "emotion_max_length": int(emotions.max_length),
-            "qi_logit_scale": float(logit_scale(task.qi_logit_scale.detach()).reshape(())),
-            "qc_logit_scale": float(logit_scale(task.qc_logit_scale.detach()).reshape(())),
-            "emotion_tokenizer": f"{MEME_TOKENIZER_DIR}/tokenizer.json",
-            "pad_token_id": int(emotions.tokenizer.pad_token_id), "pad_token": str(emotions.tokenizer.pad_token)}
-    return HeadExport(graphs, meta=meta, files={MEME_TOKENIZER_DIR: emotions.tokenizer.save_pretrained})
