@@ -1,12 +1,16 @@
 """Shared fixtures: synthetic shards generated once per session, run folders per test."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
 # The suite runs on DeepSpeed's CPU accelerator, on a GPU host too: every test (and every process it
 # starts, which inherits this environment) sees no CUDA device. tests/test_gpu.py runs its checks in
@@ -78,3 +82,123 @@ def run_infer_cli(args: list[str], forbidden: tuple[str, ...]) -> subprocess.Com
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "HEAVY []" in proc.stdout, proc.stdout[-2000:]
     return proc
+
+
+# --------------------------------------------------------------------------- running the entry points
+
+
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+def _write_config(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # CPU accelerator, no CUDA: see conftest
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def _train(config: Path, *extra: str, ranks: int = 1) -> subprocess.CompletedProcess:
+    if ranks == 1:
+        cmd = [sys.executable, "launch/train.py", "--config", str(config), *extra]
+    else:
+        cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(_free_port()),
+               "launch/train.py", "--config", str(config), *extra]
+    return _run(cmd)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _records(run: Path, kind: str) -> list[dict]:
+    lines = (run / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+# --------------------------------------------------------------------------- trained runs shared by several test modules
+
+
+def trained_export(tmp_path_factory, retrieval_shards, time_shards, geo_shards) -> tuple[Path, Path]:
+    """One tiny 3-task run (retrieval, time, geo_time) trained with the real launcher, then exported.
+
+    Cached under the session's base temp folder, so both ONNX test modules share one run and one export.
+    """
+    base = tmp_path_factory.getbasetemp() / "onnx"
+    run, export = base / "run", base / "export"
+    if (export / "manifest.json").is_file():
+        return run, export
+    base.mkdir(parents=True, exist_ok=True)
+    geo_options = {"num_cls_tokens": 2, "knowledge_corpus": str(geo_shards / "knowledge.txt"),
+                   "labels_file": str(geo_shards / "labels.json"), "relevance_hidden": 32, "knowledge_top_k": 2}
+    tasks = [{"name": "retrieval", "train": str(retrieval_shards / "train"), "val": str(retrieval_shards / "val")},
+             {"name": "time", "train": str(time_shards / "train"), "val": str(time_shards / "val"),
+              "options": {"hidden": [32, 64], "encoding": "cyclic"}},
+             {"name": "geo_time", "train": str(geo_shards / "train"), "val": str(geo_shards / "val"), "options": geo_options}]
+    raw = tiny_config(retrieval_shards, run, tasks=tasks, optim={"max_steps": 12, "micro_batch_size": 32, "warmup_steps": 2},
+                      schedule={"log_every": 6}, eval={"max_samples": None, "batch_size": 200})
+    raw.pop("data")
+    raw["data"] = {"num_workers": 1, "shuffle_buffer": 100}
+    proc = _train(_write_config(base, raw))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run([sys.executable, "launch/export.py", "--checkpoint", str(run), "--out", str(export), "--int8"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run, export
+
+
+@pytest.fixture(scope="session")
+def geo_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(run folder, shard root) of a tiny geo_time run trained for a few steps with the real launcher."""
+    from shards.synth import generate
+
+    root = tmp_path_factory.getbasetemp() / "ray_geo"  # fixed: test_ray_search imports this fixture too
+    shards, run = root / "shards", root / "run"
+    if (run / "final" / "model.safetensors").is_file():
+        return run, shards
+    shutil.rmtree(root, ignore_errors=True)
+    generate(shards, task="geo_time", n_train=160, n_val=120, seed=0, shard_size=40, image_size=64)
+    options = {"num_cls_tokens": 2, "stage": "quantity", "knowledge_corpus": str(shards / "knowledge.txt"),
+               "labels_file": str(shards / "labels.json")}
+    raw = tiny_config(shards, run, tasks=[{"name": "geo_time", "options": options}],
+                      optim={"max_steps": 2, "micro_batch_size": 16}, eval={"max_samples": 20, "batch_size": 20})
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # CPU accelerator: see conftest
+    proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(config)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run, shards
+
+
+def in_process_embeddings(run: Path, shard_dir: Path) -> dict[str, dict[str, np.ndarray]]:
+    """The reference: training's own eval loader and the geo_time head's encode, in this process."""
+    import torch
+
+    from training.config import config_from_dict
+    from training.data import eval_loader
+    from training.evaluation import load_weights
+    from training.model import build_model
+
+    cfg = config_from_dict(json.loads((run / "final" / "config.json").read_text()))
+    model, backbone = build_model(cfg)
+    load_weights(model, run)
+    model.eval()
+    task = model.heads["geo_time"]
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with torch.no_grad():
+        for batch in eval_loader(str(shard_dir), task, backbone, 50):
+            image, tokens = task.encode(model.backbone, batch["image"])
+            plain = torch.nn.functional.normalize(model.backbone.encode_image(batch["image"]), dim=-1)
+            for i, key in enumerate(batch["key"]):
+                out[key] = {"image_embedding": plain[i].numpy(), "geo_time_image": image[i].numpy(),
+                            "geo_time_location_cls": tokens["location"][i].numpy(),
+                            "geo_time_time_cls": tokens["time"][i].numpy()}
+    return out

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from test_train import _run, _train, _write_config
+from conftest import _run, _train, _write_config
 from training.classical import (ClassicalOptions, evaluate_classical, load_samples, query_by_example,
                                 window_colour_histograms)
 from training.tasks.retrieval import RetrievalOptions, score_retrieval

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from test_train import _run, _train, _write_config
+from conftest import _run, _train, _write_config
 from training.tasks.contextual import ContextualHead, ContextualOptions
 
 STAGE2_STEPS = 300

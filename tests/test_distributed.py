@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, tiny_config
-from test_train import DEEPSPEED, _free_port, _records, _train, _write_config
+from conftest import DEEPSPEED, _free_port, _records, _train, _write_config
 
 
 def _start_job(config: Path) -> tuple[subprocess.Popen, int]:

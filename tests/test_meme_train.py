@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, tiny_config
-from test_train import _run, _train, _write_config
+from conftest import _run, _train, _write_config
 
 
 @pytest.fixture(scope="module")

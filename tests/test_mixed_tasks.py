@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from conftest import tiny_config
-from test_train import _train, _write_config
+from conftest import _train, _write_config
 from training.config import ConfigError, config_from_dict
 from training.trainer import _pick_task, _task_batches
 

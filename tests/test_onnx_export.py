@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -11,35 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, tiny_config
-from test_train import _run, _train, _write_config
-
-
-def trained_export(tmp_path_factory, retrieval_shards, time_shards, geo_shards) -> tuple[Path, Path]:
-    """One tiny 3-task run (retrieval, time, geo_time) trained with the real launcher, then exported.
-
-    Cached under the session's base temp folder, so both ONNX test modules share one run and one export.
-    """
-    base = tmp_path_factory.getbasetemp() / "onnx"
-    run, export = base / "run", base / "export"
-    if (export / "manifest.json").is_file():
-        return run, export
-    base.mkdir(parents=True, exist_ok=True)
-    geo_options = {"num_cls_tokens": 2, "knowledge_corpus": str(geo_shards / "knowledge.txt"),
-                   "labels_file": str(geo_shards / "labels.json"), "relevance_hidden": 32, "knowledge_top_k": 2}
-    tasks = [{"name": "retrieval", "train": str(retrieval_shards / "train"), "val": str(retrieval_shards / "val")},
-             {"name": "time", "train": str(time_shards / "train"), "val": str(time_shards / "val"),
-              "options": {"hidden": [32, 64], "encoding": "cyclic"}},
-             {"name": "geo_time", "train": str(geo_shards / "train"), "val": str(geo_shards / "val"), "options": geo_options}]
-    raw = tiny_config(retrieval_shards, run, tasks=tasks, optim={"max_steps": 12, "micro_batch_size": 32, "warmup_steps": 2},
-                      schedule={"log_every": 6}, eval={"max_samples": None, "batch_size": 200})
-    raw.pop("data")
-    raw["data"] = {"num_workers": 1, "shuffle_buffer": 100}
-    proc = _train(_write_config(base, raw))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = _run([sys.executable, "launch/export.py", "--checkpoint", str(run), "--out", str(export), "--int8"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run, export
+from conftest import ROOT, tiny_config, trained_export
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import run_infer_cli
-from test_onnx_export import trained_export
+from conftest import trained_export
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import run_infer_cli, tiny_config
-from test_train import _run, _train, _write_config
+from conftest import _run, _train, _write_config
 
 
 @pytest.fixture(scope="module")

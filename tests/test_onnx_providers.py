@@ -222,7 +222,7 @@ def test_require_gpu_raises_when_listed_but_not_loaded(tower, gpu_listed_not_loa
 
 @pytest.fixture(scope="module")
 def exported_model(tmp_path_factory, retrieval_shards, time_shards, geo_shards) -> Path:
-    from test_onnx_export import trained_export
+    from conftest import trained_export
 
     return trained_export(tmp_path_factory, retrieval_shards, time_shards, geo_shards)[1]
 

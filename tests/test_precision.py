@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import _synth, tiny_config
-from test_train import _run, _train, _write_config
+from conftest import _run, _train, _write_config
 from training import accelerator
 from training.config import ConfigError, config_from_dict
 

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, in_process_embeddings
 
 RAY = str(Path(sys.executable).parent / "ray")
 EXCLUDES = [".venv", "data", "runs", ".cache", ".git", "*.tar", "*.safetensors", "*.npy"]
@@ -27,56 +26,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def geo_run(tmp_path_factory) -> tuple[Path, Path]:
-    """(run folder, shard root) of a tiny geo_time run trained for a few steps with the real launcher."""
-    from shards.synth import generate
-
-    root = tmp_path_factory.getbasetemp() / "ray_geo"  # fixed: test_ray_search imports this fixture too
-    shards, run = root / "shards", root / "run"
-    if (run / "final" / "model.safetensors").is_file():
-        return run, shards
-    shutil.rmtree(root, ignore_errors=True)
-    generate(shards, task="geo_time", n_train=160, n_val=120, seed=0, shard_size=40, image_size=64)
-    options = {"num_cls_tokens": 2, "stage": "quantity", "knowledge_corpus": str(shards / "knowledge.txt"),
-               "labels_file": str(shards / "labels.json")}
-    raw = tiny_config(shards, run, tasks=[{"name": "geo_time", "options": options}],
-                      optim={"max_steps": 2, "micro_batch_size": 16}, eval={"max_samples": 20, "batch_size": 20})
-    config = root / "config.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # CPU accelerator: see conftest
-    proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(config)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run, shards
-
-
-def in_process_embeddings(run: Path, shard_dir: Path) -> dict[str, dict[str, np.ndarray]]:
-    """The reference: training's own eval loader and the geo_time head's encode, in this process."""
-    import torch
-
-    from training.config import config_from_dict
-    from training.data import eval_loader
-    from training.evaluation import load_weights
-    from training.model import build_model
-
-    cfg = config_from_dict(json.loads((run / "final" / "config.json").read_text()))
-    model, backbone = build_model(cfg)
-    load_weights(model, run)
-    model.eval()
-    task = model.heads["geo_time"]
-    out: dict[str, dict[str, np.ndarray]] = {}
-    with torch.no_grad():
-        for batch in eval_loader(str(shard_dir), task, backbone, 50):
-            image, tokens = task.encode(model.backbone, batch["image"])
-            plain = torch.nn.functional.normalize(model.backbone.encode_image(batch["image"]), dim=-1)
-            for i, key in enumerate(batch["key"]):
-                out[key] = {"image_embedding": plain[i].numpy(), "geo_time_image": image[i].numpy(),
-                            "geo_time_location_cls": tokens["location"][i].numpy(),
-                            "geo_time_time_cls": tokens["time"][i].numpy()}
-    return out
 
 
 def _shard_with_bad_records(path: Path) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_ray_extract import geo_run, in_process_embeddings  # noqa: F401  (session fixture, shared)
+from conftest import in_process_embeddings
 from training import knowledge
 
 

@@ -75,3 +75,9 @@ def test_docs_config_documents_every_field():
     keys = [k for k in _fields(Config) if k != "tasks"] + [f"tasks[].{k}" for k in TaskConfig.model_fields]
     missing = [k for k in keys if f"`{k}`" not in text]
     assert not missing, f"docs/config.md lacks {missing}"
+
+
+def test_test_modules_share_helpers_through_conftest_only():
+    offenders = [f"{p.name}: {line.strip()}" for p in sorted((ROOT / "tests").glob("test_*.py"))
+                 for line in p.read_text().splitlines() if re.match(r"\s*(from|import) test_\w+", line)]
+    assert not offenders, offenders

@@ -2,55 +2,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_config
-
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
-
-
-def _write_config(tmp_path: Path, raw: dict) -> Path:
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # CPU accelerator, no CUDA: see conftest
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    return proc
-
-
-def _train(config: Path, *extra: str, ranks: int = 1) -> subprocess.CompletedProcess:
-    if ranks == 1:
-        cmd = [sys.executable, "launch/train.py", "--config", str(config), *extra]
-    else:
-        cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(_free_port()),
-               "launch/train.py", "--config", str(config), *extra]
-    return _run(cmd)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _records(run: Path, kind: str) -> list[dict]:
-    lines = (run / "log.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
+from conftest import ROOT, _records, _run, _train, _write_config, tiny_config
 
 def test_two_ranks_identical_weights_disjoint_samples(retrieval_shards, tmp_path):
     run = tmp_path / "run"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from conftest import tiny_config
-from test_train import _train, _write_config
+from conftest import _train, _write_config
 
 
 def _after(run) -> dict:
