@@ -1,4 +1,5 @@
-"""Feature-extraction throughput: Ray with 1 vs 2 embedding actors, and a plain single-process loop.
+"""Feature-extraction throughput: Ray actors on the exported model (onnxruntime int8) and on the torch run,
+1 vs 2 actors each, and a plain single-process torch loop.
 
     python benchmarks/extract_throughput.py --model ViT-B-32 --images 384 --rounds 1
 
@@ -41,13 +42,14 @@ def make_run(model: str, out: Path) -> Path:
     return out
 
 
-def ray_run(run: Path, shards: Path, out: Path, actors: int, batch_size: int) -> dict:
-    from serving.extract import EncoderSpec, ExtractOptions, extract
+def ray_run(spec, shards: Path, out: Path, actors: int, batch_size: int) -> dict:
+    from serving.extract import ExtractOptions, extract
 
-    options = ExtractOptions(actors=actors, actor_cpus=0.75, torch_threads=1, batch_size=batch_size)
-    this = extract(str(shards), out, EncoderSpec("torch-run", str(run)), options)["this_run"]
+    options = ExtractOptions(actors=actors, actor_cpus=0.75, threads=1, batch_size=batch_size)
+    this = extract(str(shards), out, spec, options)["this_run"]
     steady = this["seconds"] - this["first_batch_seconds"]
     return {"images": this["embedded"], "seconds": this["seconds"], "images_per_s": this["images_per_s"],
+            "first_batch_seconds": this["first_batch_seconds"],
             "images_per_s_after_first_batch": round((this["embedded"] - batch_size) / steady, 2)}
 
 
@@ -89,26 +91,37 @@ def main() -> int:
     args = parser.parse_args()
     import ray
 
-    from serving.extract import init_ray
+    from serving.extract import EncoderSpec, init_ray
     from shards.synth import generate
+    from training.export.exporter import export_run
 
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     generate(work / "shards", task="retrieval", n_train=args.images, n_val=10, seed=0, shard_size=args.shard_size,
              image_size=64)
     shards = work / "shards" / "train"
     run = make_run(args.model, work / "run")
+    export_run(run, work / "onnx", int8=True)
+    torch_spec, onnx_spec = EncoderSpec("torch-run", str(run)), EncoderSpec("onnx", str(work / "onnx"), int8=True)
     init_ray(num_cpus=2)
-    results: dict[str, list] = {"ray_1_actor": [], "ray_2_actors": [], "plain_loop": []}
+    results: dict[str, list] = {"ray_1_actor": [], "ray_2_actors": [], "onnx_int8_1_actor": [],
+                                "onnx_int8_2_actors": [], "plain_loop": []}
     for round_ in range(args.rounds):
-        results["ray_1_actor"].append(ray_run(run, shards, work / f"o1-{round_}", 1, args.batch_size))
-        results["ray_2_actors"].append(ray_run(run, shards, work / f"o2-{round_}", 2, args.batch_size))
+        results["onnx_int8_1_actor"].append(ray_run(onnx_spec, shards, work / f"q1-{round_}", 1, args.batch_size))
+        results["onnx_int8_2_actors"].append(ray_run(onnx_spec, shards, work / f"q2-{round_}", 2, args.batch_size))
+        results["ray_1_actor"].append(ray_run(torch_spec, shards, work / f"o1-{round_}", 1, args.batch_size))
+        results["ray_2_actors"].append(ray_run(torch_spec, shards, work / f"o2-{round_}", 2, args.batch_size))
         results["plain_loop"].append(plain_run(run, shards, args.batch_size))
         print(json.dumps({k: v[-1] for k, v in results.items()}, indent=1), flush=True)
     ray.shutdown()
     one, two = results["ray_1_actor"][-1], results["ray_2_actors"][-1]
+    q1, q2, plain = results["onnx_int8_1_actor"][-1], results["onnx_int8_2_actors"][-1], results["plain_loop"][-1]
     summary = {"model": args.model, "images": args.images, "results": results,
                "speedup_2_vs_1_actor": round(two["images_per_s_after_first_batch"]
                                              / one["images_per_s_after_first_batch"], 2),
+               "onnx_int8_speedup_2_vs_1_actor": round(q2["images_per_s_after_first_batch"]
+                                                       / q1["images_per_s_after_first_batch"], 2),
+               "onnx_int8_2_actors_vs_plain_loop": round(q2["images_per_s"] / plain["images_per_s"], 2),
+               "torch_2_actors_vs_plain_loop": round(two["images_per_s"] / plain["images_per_s"], 2),
                "load_average_at_end": os.getloadavg()}
     Path(args.out).write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))

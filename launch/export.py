@@ -1,6 +1,7 @@
 """Export a training run to ONNX for torch-free batch inference (see training/export/exporter.py).
 
     python launch/export.py --checkpoint runs/retrieval_tiny --out exports/retrieval_tiny [--fp16] [--int8]
+    python launch/export.py --model ViT-B-32 --pretrained laion2b_s34b_b79k --out exports/vit-b-32 --int8
 
 Writes the image and text encoders, each head's inference graphs, the tokenizer, preprocessing,
 label sets and a manifest; every graph is checked against torch with onnxruntime (exit 1 if not).
@@ -18,7 +19,11 @@ from training.config import ConfigError
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="run folder holding final/")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="run folder holding final/")
+    source.add_argument("--model", help="a plain open_clip model name (the towers only, no training run)")
+    parser.add_argument("--pretrained", help="with --model: an open_clip pretrained tag or a checkpoint file")
+    parser.add_argument("--model-config-dir", default="configs/models", help="with --model: JSON model configs")
     parser.add_argument("--out", required=True, help="export folder")
     parser.add_argument("--fp16", action="store_true", help="also write fp16 graphs (checked by cosine to fp32)")
     parser.add_argument("--int8", action="store_true",
@@ -26,10 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("multiclip").setLevel(logging.INFO)
-    from training.export.exporter import ParityError, export_run
+    from training.export.exporter import ParityError, export_pretrained, export_run
 
     try:
-        manifest = export_run(args.checkpoint, args.out, fp16=args.fp16, int8=args.int8)
+        if args.model:
+            manifest = export_pretrained(args.model, args.pretrained, args.out, fp16=args.fp16, int8=args.int8,
+                                         model_config_dir=args.model_config_dir)
+        else:
+            manifest = export_run(args.checkpoint, args.out, fp16=args.fp16, int8=args.int8)
     except (ConfigError, FileNotFoundError) as err:
         print(f"export error: {err}", file=sys.stderr)
         return 2

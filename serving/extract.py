@@ -5,8 +5,10 @@ The pipeline is Ray Data end to end:
 1. one Ray task per shard reads it with our fault-tolerant reader (``shards.reader``), decodes and
    preprocesses every sample; bad records (corrupt tar, image or json) are counted and named;
 2. a pool of actors (``map_batches`` with a callable class and ``ActorPoolStrategy``) embeds the
-   batches; each actor builds its :class:`EncoderBackend` once (today the torch weights of a run's
-   ``final/``; an ONNX backend only has to implement the same three methods);
+   batches; each actor builds its :class:`EncoderBackend` once: an export folder (``launch/export.py``)
+   through serving's onnxruntime runtime (``onnx``: fp32 or int8 on CPU, CUDA with ``actor_gpus``; the
+   actor imports no torch, and images are preprocessed by the NumPy twin of open_clip's transform), or the
+   torch weights of a run's ``final/`` (``torch-run``);
 3. the driver groups the embedded rows by shard and writes ``parts/<shard>.parquet`` plus a
    ``parts/<shard>.done.json`` marker as soon as a shard is complete, so a rerun skips finished shards.
 
@@ -21,7 +23,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -55,8 +57,23 @@ class EncoderBackend(Protocol):
 class EncoderSpec:
     """A picklable description of the encoder; each actor calls :meth:`build` once."""
 
-    kind: str  # "torch-run": the weights of a training run's final/ folder
-    path: str  # the run folder (or its final/ folder)
+    kind: str  # "onnx": an export folder (launch/export.py); "torch-run": a training run's final/ weights
+    path: str  # the export folder, or the run folder (or its final/ folder)
+    int8: bool = False  # onnx: the int8 towers (exported with --int8), the fast path on CPUs
+    gpu: bool = False  # onnx: ask onnxruntime for CUDA (each actor then reserves a GPU: ExtractOptions.actor_gpus)
+
+    def export_manifest(self) -> dict[str, Any]:
+        manifest = Path(self.path) / "manifest.json"
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{self.path}: no manifest.json (an export folder of launch/export.py)")
+        data = json.loads(manifest.read_text())
+        if self.int8 and "int8" not in data["graphs"]["image_encoder"]:
+            raise ValueError(f"{self.path}: exported without --int8 (no image_encoder.int8.onnx)")
+        return data
+
+    def check(self) -> None:
+        """Fail before any work when the model files are not there."""
+        self.export_manifest() if self.kind == "onnx" else self.final_dir()
 
     def final_dir(self) -> Path:
         path = Path(self.path)
@@ -68,10 +85,20 @@ class EncoderSpec:
     def build(self) -> EncoderBackend:
         if self.kind not in BACKENDS:
             raise ValueError(f"unknown encoder backend {self.kind!r}; known: {sorted(BACKENDS)}")
+        if self.kind == "onnx":
+            return OnnxExportEncoder(Path(self.path), int8=self.int8, gpu=self.gpu)
         return BACKENDS[self.kind](self.final_dir())
 
     def describe(self) -> dict[str, Any]:
         """Identity of the model for the manifest: a rerun with other weights must not mix outputs."""
+        if self.kind == "onnx":
+            manifest = self.export_manifest()
+            graphs = [manifest["graphs"][g] for g in ("image_encoder", "geo_time_encoder") if g in manifest["graphs"]]
+            files = [g["int8"]["sha256"] if self.int8 and "int8" in g else g["sha256"] for g in graphs]
+            return {"backend": f"onnx{'-int8' if self.int8 else ''}", "export": str(Path(self.path).resolve()),
+                    "model": manifest["model_name"], "tasks": list(manifest["tasks"]),
+                    "config_sha256": hashlib.sha256(json.dumps(manifest["preprocess"], sort_keys=True).encode()).hexdigest(),
+                    "weights_sha256": hashlib.sha256("".join(files).encode()).hexdigest()}
         final = self.final_dir()
         config = json.loads((final / "config.json").read_text())
         return {"backend": self.kind, "run": str(Path(self.path).resolve()), "model": config["model"]["name"],
@@ -80,6 +107,8 @@ class EncoderSpec:
                 "weights_sha256": file_sha256(final / "model.safetensors")}
 
     def preprocess_cfg(self) -> dict[str, Any]:
+        if self.kind == "onnx":  # the export's own preprocessing, run by its NumPy twin
+            return {**self.export_manifest()["preprocess"], "numpy_twin": True}
         return run_preprocess_cfg(json.loads((self.final_dir() / "config.json").read_text()))
 
 
@@ -172,7 +201,43 @@ class TorchRunEncoder:
         return tower_fingerprint(self.model.backbone)
 
 
-BACKENDS: dict[str, type] = {"torch-run": TorchRunEncoder}
+class OnnxExportEncoder:
+    """An export folder through serving's onnxruntime runtime: the same engine as ``launch/infer.py``.
+
+    Columns as :class:`TorchRunEncoder`'s: the normalised image embedding, plus, where the export has
+    geo_time, its encoder graph's image embedding and [CLS] tokens. Imports no torch.
+    """
+
+    def __init__(self, export_dir: Path, int8: bool = False, gpu: bool = False, threads: int = 1):
+        from serving.infer import ExportedModel, normalize
+        from serving.runtime import RuntimeOptions
+
+        providers = ("cuda", "cpu") if gpu else ("cpu",)
+        self.model = ExportedModel(export_dir, RuntimeOptions(providers=providers, int8=int8, intra_op_threads=threads))
+        self._normalize = normalize
+        size = int(self.model.manifest["preprocess"]["size"])
+        self._shapes = {k: v.shape[1:] for k, v in self.encode(np.zeros((1, 3, size, size), np.float32)).items()}
+
+    def output_shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shapes)
+
+    def encode(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        pixels = np.ascontiguousarray(images, dtype=np.float32)
+        out = {"image_embedding": self._normalize(self.model.image_features(pixels))}
+        if "geo_time_encoder" in self.model.manifest["graphs"]:
+            geo = self.model.session("geo_time_encoder").run(pixels=pixels)
+            out.update({"geo_time_image": geo["image_embedding"], "geo_time_location_cls": geo["location_tokens"],
+                        "geo_time_time_cls": geo["time_tokens"]})
+        return {k: v.astype(np.float32) for k, v in out.items()}
+
+    def encode_text(self, texts: list[str]) -> np.ndarray:
+        return self.model.text_embeddings(list(texts))
+
+    def text_fingerprint(self) -> str:
+        return self.model.manifest["graphs"]["text_encoder"]["sha256"]
+
+
+BACKENDS: dict[str, type] = {"torch-run": TorchRunEncoder, "onnx": OnnxExportEncoder}
 
 
 # --------------------------------------------------------------------------- stage 1: read + preprocess (Ray tasks)
@@ -207,16 +272,26 @@ def eval_transform(cfg: dict[str, Any]):
     return _TRANSFORMS[key]
 
 
+def image_to_array(cfg: dict[str, Any]) -> Callable[[Any], np.ndarray]:
+    """PIL image -> float32 [3, H, W]: an export's NumPy twin (no torch), else open_clip's transform."""
+    if cfg.get("numpy_twin"):
+        from serving.preprocess import Preprocess
+
+        return Preprocess.from_dict(cfg)
+    transform = eval_transform(cfg)
+    return lambda image: transform(image).numpy()
+
+
 def shard_samples(url: str, preprocess_cfg: dict[str, Any], skips: ListSkipLog) -> Iterator[tuple[str, np.ndarray]]:
     """(key, preprocessed image) of every usable sample of one shard, in shard order."""
     from shards.reader import ShardSizes, decode_samples, read_shard
     from shards.writer import is_image_member
 
-    transform = eval_transform(preprocess_cfg)
+    transform = image_to_array(preprocess_cfg)
     for sample in decode_samples(read_shard(url, skips, ShardSizes().listed(url)), skips):
         name = next(n for n in sample if is_image_member(n))
         try:
-            yield sample["__key__"], transform(sample[name]).numpy()
+            yield sample["__key__"], transform(sample[name])
         except Exception as exc:  # a transform failure only costs this sample
             skips.record(url, sample["__key__"], "bad_image", exc)
 
@@ -228,7 +303,8 @@ def preprocess_shards(batch: dict[str, np.ndarray], preprocess_cfg: dict[str, An
     The last row of a shard carries ``last``, the shard's row count and its skip records, so the
     driver knows when a shard is complete; a shard with no usable sample yields one placeholder row.
     """
-    size = tuple(preprocess_cfg["size"])
+    size = preprocess_cfg["size"]
+    size = (size, size) if isinstance(size, int) else tuple(size)
     for url in batch["shard"]:
         skips = ListSkipLog()
         keys, images = [], []
@@ -279,12 +355,16 @@ def preprocess_udf(batch: dict[str, np.ndarray], preprocess_cfg: dict[str, Any])
 class Embedder:
     """Ray Data callable class: one encoder per actor, built once, used for every batch."""
 
-    def __init__(self, encoder: EncoderSpec, torch_threads: int = 1):
-        import training  # noqa: F401
-        import torch
+    def __init__(self, encoder: EncoderSpec, threads: int = 1):
+        # one thread per actor: one actor per core scales, oversubscribed threads do not
+        if encoder.kind == "onnx":
+            self.backend = OnnxExportEncoder(Path(encoder.path), int8=encoder.int8, gpu=encoder.gpu, threads=threads)
+        else:
+            import training  # noqa: F401
+            import torch
 
-        torch.set_num_threads(torch_threads)  # one actor per core scales; oversubscribed threads do not
-        self.backend = encoder.build()
+            torch.set_num_threads(threads)
+            self.backend = encoder.build()
         self.shapes = self.backend.output_shapes()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -397,7 +477,8 @@ class ShardCollector:
 class ExtractOptions:
     actors: int | None = None  # embedding actors (default: what the cluster's CPUs allow)
     actor_cpus: float = 1.0  # CPUs reserved per actor
-    torch_threads: int = 1  # torch threads per actor
+    threads: int = 1  # threads per actor (torch's, or onnxruntime's intra-op threads)
+    actor_gpus: float = 0.0  # GPUs reserved per actor (onnx with gpu=True: one per actor)
     batch_size: int = 128  # images per actor call
     preprocess_cpus: float = 0.5  # CPUs per read/preprocess task
     overwrite: bool = False  # start over instead of resuming when the model differs
@@ -467,8 +548,9 @@ def extract(shards: str | list[str], out_dir: str | Path, encoder: EncoderSpec,
         ds = ds.map_batches(preprocess_udf, batch_size=1, fn_kwargs={"preprocess_cfg": encoder.preprocess_cfg()},
                             num_cpus=options.preprocess_cpus)
         ds = ds.map_batches(Embedder, batch_size=options.batch_size,
-                            fn_constructor_kwargs={"encoder": encoder, "torch_threads": options.torch_threads},
-                            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=options.actor_cpus)
+                            fn_constructor_kwargs={"encoder": encoder, "threads": options.threads},
+                            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=options.actor_cpus,
+                            **({"num_gpus": options.actor_gpus} if options.actor_gpus else {}))
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             collector.add(batch)
         if collector.unfinished():

@@ -135,3 +135,43 @@ def test_job_extracts_resumes_and_matches_in_process(geo_run, ray_cluster, tmp_p
     assert manifest["this_run"]["embedded"] == 40 and manifest["samples"] == 122
     assert json.loads((out / MANIFEST).read_text()) == manifest
     assert kept.stat().st_mtime_ns == kept_mtime
+
+
+def test_onnx_actors_embed_like_the_torch_run_and_need_no_torch(geo_run, tmp_path):
+    """The Ray job on the exported model (fp32 and int8 towers) against training's own encode, in process."""
+    import ray
+
+    from conftest import _run
+    from serving.extract import EncoderSpec, ExtractOptions, extract, init_ray, read_embeddings
+
+    run, shards = geo_run
+    export = tmp_path / "onnx"
+    proc = _run([sys.executable, "launch/export.py", "--checkpoint", str(run), "--out", str(export), "--int8"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    init_ray(num_cpus=2)
+    try:
+        fp32 = extract(str(shards / "val"), tmp_path / "fp32", EncoderSpec("onnx", str(export)),
+                       ExtractOptions(actors=1, batch_size=32))
+        int8 = extract(str(shards / "val"), tmp_path / "int8", EncoderSpec("onnx", str(export), int8=True),
+                       ExtractOptions(actors=1, batch_size=32))
+        with pytest.raises(ValueError, match="another model"):  # int8 outputs never join fp32 ones
+            extract(str(shards / "val"), tmp_path / "fp32", EncoderSpec("onnx", str(export), int8=True),
+                    ExtractOptions(actors=1))
+    finally:
+        ray.shutdown()
+    assert fp32["encoder"]["backend"] == "onnx" and int8["encoder"]["backend"] == "onnx-int8"
+    assert fp32["samples"] == int8["samples"] == 120
+    assert fp32["columns"]["geo_time_location_cls"] == [2, 64]
+    reference = in_process_embeddings(run, shards / "val")
+    for column in ("image_embedding", "geo_time_image", "geo_time_location_cls", "geo_time_time_cls"):
+        keys, values = read_embeddings(tmp_path / "fp32", column)
+        np.testing.assert_allclose(values, np.stack([reference[k][column] for k in keys]), atol=1e-4)
+    keys, values = read_embeddings(tmp_path / "int8", "image_embedding")
+    expected = np.stack([reference[k]["image_embedding"] for k in keys])
+    assert np.min(np.sum(values * expected, axis=1)) > 0.99  # both normalised: cosine
+
+    probe = (f"import sys, numpy as np; from pathlib import Path; from serving.extract import OnnxExportEncoder; "
+             f"e = OnnxExportEncoder(Path({str(export)!r}), int8=True); e.encode(np.zeros((2, 3, 64, 64), np.float32)); "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip', 'training')))")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("[]"), proc.stdout + proc.stderr[-2000:]

@@ -336,6 +336,18 @@ def export_model(model: MultiTaskModel, backbone: Backbone, out: str | Path, fp1
     return manifest
 
 
+def export_pretrained(name: str, pretrained: str | None, out: str | Path, fp16: bool = False, int8: bool = False,
+                      model_config_dir: str = "configs/models") -> dict[str, Any]:
+    """Export a plain open_clip model (name + pretrained tag or checkpoint file), no training run: the towers
+    only, e.g. to extract features with a released model."""
+    from training.config import ModelConfig
+    from training.model import create_backbone
+
+    backbone = create_backbone(ModelConfig(name=name, pretrained=pretrained, model_config_dir=model_config_dir))
+    model = MultiTaskModel(backbone.model, {}, {}).eval()
+    return export_model(model, backbone, out, fp16, int8, model_name=name, source=f"open_clip:{name}:{pretrained}")
+
+
 def export_run(run_dir: str | Path, out: str | Path, fp16: bool = False, int8: bool = False) -> dict[str, Any]:
     """Export a finished training run (``runs/<name>``); see :func:`export_model`."""
     model, backbone, raw = load_run(run_dir)
