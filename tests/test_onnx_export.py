@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import open_clip
@@ -9,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, tiny_config, trained_export
+from conftest import ROOT, _run, tiny_config, trained_export
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +160,22 @@ def test_contextual_scorer_exports_with_parity(tmp_path):
     head = model.heads["contextual"].export_onnx(backbone, ImageEncoder(backbone.model)(fixed_images(backbone)).detach())
     entry = export_graph(head.graphs[0], tmp_path)
     assert entry["inputs"] == ["frames", "text", "static"] and entry["max_abs_diff_fp32"] <= FP32_TOLERANCE
+
+
+def test_a_plain_open_clip_model_exports_without_a_run(exported, tmp_path):
+    """launch/export.py --model NAME --pretrained FILE: the towers of an open_clip checkpoint, no training run;
+    here the run's own backbone file (final/open_clip.safetensors), so both exports must embed alike."""
+    from serving.extract import OnnxExportEncoder
+
+    run, run_export = exported
+    out = tmp_path / "plain"
+    proc = _run([sys.executable, "launch/export.py", "--model", "tiny-vit", "--pretrained",
+                 str(run / "final" / "open_clip.safetensors"), "--model-config-dir", str(ROOT / "configs" / "models"),
+                 "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tasks"] == {} and set(manifest["graphs"]) == {"image_encoder", "text_encoder"}
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    plain, trained = OnnxExportEncoder(out).encode(pixels), OnnxExportEncoder(run_export).encode(pixels)
+    np.testing.assert_allclose(plain["image_embedding"], trained["image_embedding"], atol=1e-5)
+    assert OnnxExportEncoder(out).encode_text(["a red circle"]).shape == (1, 64)

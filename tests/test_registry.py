@@ -81,3 +81,16 @@ def test_test_modules_share_helpers_through_conftest_only():
     offenders = [f"{p.name}: {line.strip()}" for p in sorted((ROOT / "tests").glob("test_*.py"))
                  for line in p.read_text().splitlines() if re.match(r"\s*(from|import) test_\w+", line)]
     assert not offenders, offenders
+
+
+def test_every_serving_module_imports_without_torch():
+    """serving/ is the torch-free side (export lives in training/export). The knowledge-search kernel
+    (serving/search.py) still calls torch at run time, inside its functions: issue #16."""
+    import subprocess
+    import sys
+
+    script = ("import importlib, pkgutil, sys, serving\n"
+              "for m in pkgutil.iter_modules(serving.__path__): importlib.import_module('serving.' + m.name)\n"
+              "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'open_clip', 'training', 'webdataset'}))")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
