@@ -36,7 +36,7 @@ COPY serving serving
 COPY shards shards
 # The pinned rest, onnxruntime-gpu ("gpu": the image's only onnxruntime build; "cpu" is never added)
 # and TensorRT 10 ("tensorrt"; its PyPI package fetches NVIDIA's wheel during this step).
-RUN pip install -c constraints.txt -e ".[gpu,tensorrt]"
+RUN pip install -c constraints.txt -e ".[train,gpu,tensorrt]"
 # onnxruntime loads CUDA, cuDNN and TensorRT by soname and the pip wheels sit in site-packages, off
 # the loader's path: list every folder of theirs for ld.so, then fail the build if onnxruntime's
 # CUDA or TensorRT provider still misses a library (libcuda.so.1 is the driver's, mounted at run

@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,cpu]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[train,cpu,dev]"
 	touch $(STAMP)
 
 # synthetic shards for every head -> one 2-rank DeepSpeed job training all five heads -> evaluation of the

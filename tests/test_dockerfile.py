@@ -248,7 +248,7 @@ def test_pins_follow_pyproject_and_constraints():
     pips = pip_installs(run_commands(dockerfile()))
     first = pips[0]
     assert names(requirements_of(first)) == ["torch"], "torch is installed first, alone"
-    project_torch = pinned(project_requirements(set()), "torch")
+    project_torch = pinned(project_requirements({"train"}), "torch")
     assert pinned(requirements_of(first), "torch") == project_torch
     constraints = [Requirement(line) for line in (ROOT / "constraints.txt").read_text().splitlines()
                    if line.strip() and not line.startswith("#")]
@@ -352,4 +352,4 @@ def test_make_setup_installs_the_cpu_build():
     assert onnxruntime_builds(requirements) == ["onnxruntime"], onnxruntime_builds(requirements)
     torch_first = [pip for pip in pips if names(requirements_of(pip)) == ["torch"]]
     assert torch_first, "the Makefile installs torch alone before the project"
-    assert pinned(requirements_of(torch_first[0]), "torch") == pinned(project_requirements(set()), "torch")
+    assert pinned(requirements_of(torch_first[0]), "torch") == pinned(project_requirements({"train"}), "torch")

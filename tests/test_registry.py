@@ -94,3 +94,15 @@ def test_every_serving_module_imports_without_torch():
               "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'open_clip', 'training', 'webdataset'}))")
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
+
+
+def test_the_base_install_is_the_torch_free_serving_side():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = {Requirement(r).name.lower() for r in project["dependencies"]}
+    training_side = {"torch", "deepspeed", "open_clip_torch", "transformers", "webdataset", "ray", "timm"}
+    assert not base & training_side, base & training_side
+    assert training_side <= {Requirement(r).name.lower() for r in project["optional-dependencies"]["train"]}
