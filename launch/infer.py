@@ -57,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
                              trt_cache_dir=args.trt_cache, trt_opt_batch=max(1, args.batch_size))
     try:
         model = ExportedModel(args.model, options)
-        # TensorRT profile: the largest batch a tower sees (contextual runs encode every set's images at once)
-        sets = model.manifest["tasks"].get("contextual", {}).get("num_candidates", 1) \
-            if "contextual" in (args.tasks or model.tasks) else 1
+        # TensorRT profile: the largest batch a tower sees (a head may send several images per item)
+        per_item = max([model.manifest["tasks"][t].get("images_per_item", 1) for t in (args.tasks or model.tasks)
+                        if t in model.manifest["tasks"]], default=1)
         model.options = dataclasses.replace(options, trt_max_batch=args.trt_max_batch or
-                                            max(256, args.batch_size, args.batch_size * sets))
+                                            max(256, args.batch_size, args.batch_size * per_item))
         if args.queries:
             if not args.gallery:
                 parser.error("--queries needs --gallery")

@@ -93,7 +93,8 @@ class EncoderSpec:
         """Identity of the model for the manifest: a rerun with other weights must not mix outputs."""
         if self.kind == "onnx":
             manifest = self.export_manifest()
-            graphs = [manifest["graphs"][g] for g in ("image_encoder", "geo_time_encoder") if g in manifest["graphs"]]
+            names = ["image_encoder", *(e["graph"] for e in extraction_graphs(manifest))]
+            graphs = [manifest["graphs"][g] for g in names]
             files = [g["int8"]["sha256"] if self.int8 and "int8" in g else g["sha256"] for g in graphs]
             return {"backend": f"onnx{'-int8' if self.int8 else ''}", "export": str(Path(self.path).resolve()),
                     "model": manifest["model_name"], "tasks": list(manifest["tasks"]),
@@ -204,8 +205,9 @@ class TorchRunEncoder:
 class OnnxExportEncoder:
     """An export folder through serving's onnxruntime runtime: the same engine as ``launch/infer.py``.
 
-    Columns as :class:`TorchRunEncoder`'s: the normalised image embedding, plus, where the export has
-    geo_time, its encoder graph's image embedding and [CLS] tokens. Imports no torch.
+    Columns: the normalised image embedding, plus what each exported head declares under ``extraction``
+    in its manifest entry (a graph from pixels and its outputs' column names; geo_time: its image
+    embedding and [CLS] tokens, as :class:`TorchRunEncoder` writes them). Imports no torch.
     """
 
     def __init__(self, export_dir: Path, int8: bool = False, gpu: bool = False, threads: int = 1):
@@ -224,10 +226,9 @@ class OnnxExportEncoder:
     def encode(self, images: np.ndarray) -> dict[str, np.ndarray]:
         pixels = np.ascontiguousarray(images, dtype=np.float32)
         out = {"image_embedding": self._normalize(self.model.image_features(pixels))}
-        if "geo_time_encoder" in self.model.manifest["graphs"]:
-            geo = self.model.session("geo_time_encoder").run(pixels=pixels)
-            out.update({"geo_time_image": geo["image_embedding"], "geo_time_location_cls": geo["location_tokens"],
-                        "geo_time_time_cls": geo["time_tokens"]})
+        for extraction in extraction_graphs(self.model.manifest):
+            outputs = self.model.session(extraction["graph"]).run(pixels=pixels)
+            out.update({column: outputs[name] for name, column in extraction["columns"].items()})
         return {k: v.astype(np.float32) for k, v in out.items()}
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
@@ -235,6 +236,11 @@ class OnnxExportEncoder:
 
     def text_fingerprint(self) -> str:
         return self.model.manifest["graphs"]["text_encoder"]["sha256"]
+
+
+def extraction_graphs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``extraction`` entries the export's heads declare ({graph, columns}), in task order."""
+    return [meta["extraction"] for meta in manifest["tasks"].values() if "extraction" in meta]
 
 
 BACKENDS: dict[str, type] = {"torch-run": TorchRunEncoder, "onnx": OnnxExportEncoder}

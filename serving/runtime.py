@@ -39,7 +39,6 @@ except ImportError:  # pragma: no cover  (older onnxruntime)
     EPFail = RuntimeError
 
 LOG = logging.getLogger("multiclip.serving")
-PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 SHORT_NAMES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 CPU = "CPUExecutionProvider"
@@ -299,7 +298,6 @@ class Session:
 
     def _set_in_use(self) -> None:
         self.providers_in_use = self.session.get_providers()
-        self.providers = self.providers_in_use  # (older name)
         self.on_gpu = self.providers_in_use[0] in GPU_PROVIDERS
 
     def _check_required(self) -> None:

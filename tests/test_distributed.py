@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_config
-from conftest import DEEPSPEED, _free_port, _records, _train, _write_config
+from conftest import DEEPSPEED, ROOT, _free_port, _records, _train, _write_config, tiny_config
+from training.trainer import weights_digest
 
 
 def _start_job(config: Path) -> tuple[subprocess.Popen, int]:
@@ -44,17 +44,6 @@ def _fresh_state_dict(raw: dict) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def _digest(state: dict[str, torch.Tensor]) -> str:
-    """The trainer's audit fingerprint (training/trainer.py::_audit_weights) of a state dict."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, p in sorted(state.items()):
-        digest.update(name.encode())
-        digest.update(p.detach().float().reshape(-1).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _bf16_representable(t: torch.Tensor) -> bool:
     return bool(torch.equal(t.float(), t.to(torch.bfloat16).float()))
 
@@ -80,7 +69,8 @@ def test_zero_stage_trains_and_writes_the_fp32_masters(retrieval_shards, tmp_pat
     assert not any(_bf16_representable(final[k]) for k in trained)
     if stage < 3:  # every rank's module holds the full fp32 weights the engine trained: the final ones
         digests = {json.loads(p.read_text())["sha256"] for p in (run / "audit").glob("weights-rank*.json")}
-        assert digests == {_digest(final)}
+        assert digests == {weights_digest(final)}
+        assert weights_digest(final) != weights_digest(fresh)  # the digest sees the values
 
 
 def test_two_nodes_on_loopback(retrieval_shards, tmp_path):

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import GPU_ENV, ROOT, _synth, tiny_config
+from training.trainer import weights_digest
 
 
 @lru_cache(maxsize=1)
@@ -52,16 +53,6 @@ def _audit_digest(run: Path) -> set[str]:
     return {json.loads(p.read_text())["sha256"] for p in (run / "audit").glob("weights-rank*.json")}
 
 
-def _digest(state: dict[str, torch.Tensor]) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, p in sorted(state.items()):
-        digest.update(name.encode())
-        digest.update(p.detach().float().reshape(-1).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def test_every_head_trains_in_bf16_on_one_gpu(retrieval_shards, time_shards, geo_shards, tmp_path_factory, tmp_path):
     contextual = _synth(tmp_path_factory, "contextual", n_train=200, n_val=40)
     meme = _synth(tmp_path_factory, "meme", n_train=200, n_val=40)
@@ -82,7 +73,7 @@ def test_every_head_trains_in_bf16_on_one_gpu(retrieval_shards, time_shards, geo
     assert "device cuda:0, backend nccl, precision bf16" in proc.stdout + proc.stderr
     final = load_file(str(run / "final" / "model.safetensors"))
     assert all(v.dtype == torch.float32 for v in final.values() if v.is_floating_point())
-    assert _audit_digest(run) == {_digest(final)}
+    assert _audit_digest(run) == {weights_digest(final)}
     train = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert any(r.get("peak_memory_gib") for r in train if r["kind"] == "train")
 
@@ -96,7 +87,7 @@ def test_zero_stage_on_one_gpu_writes_the_masters(retrieval_shards, tmp_path, st
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"precision bf16, ZeRO {stage}, world 1" in proc.stdout + proc.stderr
     final = load_file(str(run / "final" / "model.safetensors"))
-    assert _audit_digest(run) == {_digest(final)}
+    assert _audit_digest(run) == {weights_digest(final)}
     conv = final["backbone.visual.conv1.weight"]
     assert not torch.equal(conv, conv.to(torch.bfloat16).float())  # fp32 masters, not a bf16 copy
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -41,19 +41,13 @@ class DataConfig(_Section):
     val: str | list[str] | None = None  # held-out shards used for periodic and final evaluation
     # DataLoader workers per rank; auto = min(max(1, cores // local ranks - 1), 8, shards per rank), where
     # cores is this process's CPU affinity and "shards per rank" (shards // world size) applies without resample
-    num_workers: int | Literal["auto"] = "auto"
+    num_workers: NonNegativeInt | Literal["auto"] = "auto"
     pin_memory: bool | Literal["auto"] = "auto"  # page-locked batches for async copies; auto: on when the device is CUDA
     prefetch_factor: int = Field(4, ge=1)  # batches in flight per worker (only when workers > 0)
     uint8_images: bool = False  # images cross to the device as uint8 and are converted + normalised there
     jpeg_draft: bool = True  # decode JPEGs at 1/2, 1/4, 1/8 scale when still >= what the model's transform needs
     shuffle_buffer: int = Field(1000, ge=0)  # samples held for shuffling inside each worker
     resample: bool = False  # draw shards with replacement (when shards < ranks x workers)
-
-    @model_validator(mode="after")
-    def _check_workers(self) -> DataConfig:
-        if self.num_workers != "auto" and self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0 or 'auto', got {self.num_workers}")
-        return self
 
 
 class TaskConfig(_Section):

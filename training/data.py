@@ -201,21 +201,14 @@ def train_loader(cfg: Config, task, backbone: Backbone, dist_info: DistInfo, run
                        persistent_workers=True)
 
 
-def eval_loader(urls, task, backbone: Backbone, batch_size: int, error_log_dir: Path | None = None, *,
-                num_workers: int = 0, pin_memory: bool | str = "auto", jpeg_draft: bool = False,
-                uint8_images: bool = False):
+def eval_loader(urls, task, backbone: Backbone, batch_size: int, error_log_dir: Path | None = None):
     """One deterministic pass over every held-out sample (the same on every rank).
 
-    Images are decoded at full size unless ``jpeg_draft``, so held-out metrics see exactly the pixels of
-    ``preprocess_val`` (and of the exported model's preprocessing). With ``uint8_images`` the images are
-    uint8; give :func:`to_device` the (mean, std) of :func:`uint8_backbone`.
+    Images are decoded at full size, so held-out metrics see exactly the pixels of ``preprocess_val``
+    (and of the exported model's preprocessing).
     """
-    if uint8_images:
-        backbone = uint8_backbone(backbone)[0]
     return make_eval_loader(expand_urls(urls), map_fn=partial(_map, task=task, backbone=backbone, train=False),
-                            batch_size=batch_size, num_workers=num_workers, error_log_dir=error_log_dir,
-                            collate_fn=collate, decode_size=backbone_decode_size(backbone, False) if jpeg_draft else None,
-                            pin_memory=resolve_pin_memory(pin_memory))
+                            batch_size=batch_size, num_workers=0, error_log_dir=error_log_dir, collate_fn=collate)
 
 
 def steps_per_epoch(cfg: Config, world_size: int, task_name: str | None = None) -> int:

@@ -127,6 +127,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         logger.log({"kind": "eval", "step": step, **baseline})
         log.info("before training: %s", json.dumps(baseline))
 
+    image_norm = device_image_norm(cfg, backbone)  # (mean, std) for uint8 batches, else None
     progress = _progress_bar(dist_info.is_main, cfg.optim.max_steps, step)
     tick, window_samples, reports = time.time(), 0, []
     while step < cfg.optim.max_steps:
@@ -134,7 +135,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         for micro in range(cfg.optim.grad_accum):
             name = _pick_task(cfg.run.seed, step, micro, task_names, task_weights)
             taken[name] += 1
-            batch = to_device(next(streams[name]), dist_info.device, device_image_norm(cfg, backbone))
+            batch = to_device(next(streams[name]), dist_info.device, image_norm)
             if cfg.run.audit:
                 _audit_keys(run_dir, dist_info.rank, step, batch["key"])
             loss, report = engine(batch)
@@ -217,16 +218,21 @@ def _audit_keys(run_dir: Path, rank: int, step: int, keys: list[str]) -> None:
 
 def _audit_weights(run_dir: Path, rank: int, module, zero_stage: int) -> None:
     """A hash of this rank's full weights (ZeRO-3 holds only a partition per rank: not comparable)."""
+    digest = weights_digest(module.state_dict()) if zero_stage < 3 else weights_digest({})
+    (run_dir / "audit").mkdir(parents=True, exist_ok=True)
+    (run_dir / "audit" / f"weights-rank{rank}.json").write_text(
+        json.dumps({"rank": rank, "zero_stage": zero_stage, "sha256": digest}))
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names and fp32 values (shape-free: the engine's [1] scalars hash as the final [] ones)."""
     import hashlib
 
     digest = hashlib.sha256()
-    if zero_stage < 3:
-        for name, p in sorted(module.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(p.detach().float().cpu().numpy().tobytes())
-    (run_dir / "audit").mkdir(parents=True, exist_ok=True)
-    (run_dir / "audit" / f"weights-rank{rank}.json").write_text(
-        json.dumps({"rank": rank, "zero_stage": zero_stage, "sha256": digest.hexdigest()}))
+    for name, p in sorted(state.items()):
+        digest.update(name.encode())
+        digest.update(p.detach().float().reshape(-1).cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def window_means(reports: list[dict[str, Any]]) -> dict[str, float]:

@@ -199,7 +199,8 @@ class ContextualTask(Task):
         text = F.normalize(features[1:4] + 0.1 * torch.randn(3, d, generator=g), dim=-1)
         graph = Graph("contextual_scorer", ContextualScorer(self),
                       {"frames": frames, "text": text, "static": torch.tensor([False, True, False])}, ["scores"])
-        return HeadExport([graph], meta={"num_candidates": n, "mode": self.options.mode})
+        # images_per_item: one item (a set) sends n images through the image tower at once (TensorRT profiles)
+        return HeadExport([graph], meta={"num_candidates": n, "mode": self.options.mode, "images_per_item": n})
 
 
 class ContextualScorer(nn.Module):

@@ -334,6 +334,10 @@ class GeoTimeTask(Task):
                 if self.labels:
                     arrays[f"geo_time_candidates_{q}"] = candidates.float().numpy()
             meta["retrieve_with_image"] = with_image
+        # what Ray feature extraction (serving/extract.py) writes from this export: graph outputs -> columns
+        meta["extraction"] = {"graph": "geo_time_encoder", "columns": {
+            "image_embedding": "geo_time_image", "location_tokens": "geo_time_location_cls",
+            "time_tokens": "geo_time_time_cls"}}
         return HeadExport(graphs, arrays=arrays, documents=documents, meta=meta)
 
 
