@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--threshold", type=float, default=0.3, help="mask threshold on the normalised CAM")
     args = parser.parse_args(argv)
-    from training.gradcam import cams_for_files
+    from training.retrieval.gradcam import cams_for_files
 
     try:
         written = cams_for_files(args.checkpoint, args.images, args.texts, args.out, threshold=args.threshold)

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pca", type=int, default=32, help="PCA components before k-means (0: none)")
     parser.add_argument("--out", help="output path without suffix (default: <run>/compare_retrievers)")
     args = parser.parse_args(argv)
-    from training.classical import ClassicalOptions, compare_retrievers
+    from training.retrieval.classical import ClassicalOptions, compare_retrievers
 
     run = Path(args.checkpoint)
     data = Path(args.data) if args.data else None

@@ -8,12 +8,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Resolved on first use (PEP 562), so ``import shards.members`` (torch-free serving) does not import the
-# reader, whose DataLoader layer imports torch.
+# Resolved on first use (PEP 562), so ``import shards.members`` or ``shards.samples`` (torch-free serving)
+# does not import the reader or the writer, which import webdataset and with it torch.
 _EXPORTS = {
-    "SKIP_REASONS": "shards.reader", "SkipLog": "shards.reader", "count_samples": "shards.reader",
-    "expand_urls": "shards.reader", "make_eval_loader": "shards.reader", "make_loader": "shards.reader",
-    "read_skip_logs": "shards.reader", "summarize_skips": "shards.reader",
+    "SKIP_REASONS": "shards.samples", "SkipLog": "shards.samples", "count_samples": "shards.samples",
+    "expand_urls": "shards.samples", "read_skip_logs": "shards.samples", "summarize_skips": "shards.samples",
+    "make_eval_loader": "shards.reader", "make_loader": "shards.reader",
     "IMAGE_EXTENSIONS": "shards.writer", "ShardSetWriter": "shards.writer", "encode_image": "shards.writer",
 }
 

@@ -41,7 +41,11 @@ class SourceRecord:
     caption: str
     label: str
     extra: dict[str, Any] = field(default_factory=dict)
-    task: str = "retrieval"
+    task: str = ""  # the converter's own task; required (a record of no task is a converter bug)
+
+    def __post_init__(self) -> None:
+        if not self.task:
+            raise ValueError(f"{self.source}: SourceRecord without a task (the converter must name its task)")
 
 
 @dataclass

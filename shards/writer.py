@@ -12,9 +12,9 @@ from PIL import Image
 
 from shards.members import WRITTEN_IMAGE_MEMBERS as IMAGE_EXTENSIONS
 from shards.members import is_written_image_member
+from shards.samples import SIZES_FILE
 SHARD_PATTERN = "shard-%06d.tar"
 SHARD_GLOB = "shard-*.tar"
-SIZES_FILE = "sizes.json"
 # Fixed member mtime: the same samples always give byte-identical tars.
 FIXED_MTIME = 0  # an int: a float mtime makes tarfile write an extra pax header per member
 

@@ -72,13 +72,16 @@ def geo_shards(tmp_path_factory) -> Path:
     return _synth(tmp_path_factory, "geo_time", n_train=2400)
 
 
-def run_infer_cli(args: list[str], forbidden: tuple[str, ...]) -> subprocess.CompletedProcess:
-    """launch/infer.py with ``args`` in a fresh interpreter; it must succeed without importing ``forbidden``."""
+def run_infer_cli(args: list[str], forbidden: tuple[str, ...], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """launch/infer.py with ``args`` in a fresh interpreter; it must succeed without importing ``forbidden``.
+
+    ``env``: variables added to this process's environment (e.g. ``MULTICLIP_PLUGINS``, ``PYTHONPATH``)."""
     script = (f"import runpy, sys; sys.argv = ['infer.py', *{args!r}];\n"
               "try:\n    runpy.run_path('launch/infer.py', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
               f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {forbidden!r})\n"
               "print('HEAVY', bad)")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "HEAVY []" in proc.stdout, proc.stdout[-2000:]
     return proc
@@ -96,19 +99,22 @@ def _write_config(tmp_path: Path, raw: dict) -> Path:
     return path
 
 
-def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # CPU accelerator, no CUDA: see conftest
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``cmd`` from the repository root; ``env`` adds variables (a ``PYTHONPATH`` there goes after the root)."""
+    extra = dict(env or {})
+    path = os.pathsep.join([str(ROOT), *([extra.pop("PYTHONPATH")] if "PYTHONPATH" in extra else [])])
+    full = {**os.environ, **extra, "PYTHONPATH": path}  # CPU accelerator, no CUDA: see conftest
+    proc = subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, timeout=timeout)
     return proc
 
 
-def _train(config: Path, *extra: str, ranks: int = 1) -> subprocess.CompletedProcess:
+def _train(config: Path, *extra: str, ranks: int = 1, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     if ranks == 1:
         cmd = [sys.executable, "launch/train.py", "--config", str(config), *extra]
     else:
         cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(_free_port()),
                "launch/train.py", "--config", str(config), *extra]
-    return _run(cmd)
+    return _run(cmd, env=env)
 
 
 def _free_port() -> int:

@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny_config
 from conftest import _run, _train, _write_config
-from training.classical import (ClassicalOptions, evaluate_classical, load_samples, query_by_example,
+from training.retrieval.classical import (ClassicalOptions, evaluate_classical, load_samples, query_by_example,
                                 window_colour_histograms)
 from training.tasks.retrieval import RetrievalOptions, score_retrieval
 

@@ -86,7 +86,10 @@ def test_overrides_reach_list_items(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(tiny_config(tmp_path, tmp_path / "run")))
     cfg = load_config(path, ["tasks.0.loss_weight=2.5", "tasks.0.options.candidate_batch_size=5"])
-    assert cfg.tasks[0].loss_weight == 2.5 and cfg.tasks[0].options["candidate_batch_size"] == 5
+    assert cfg.tasks[0].loss_weight == 2.5 and cfg.tasks[0].options.candidate_batch_size == 5
+    from training.tasks.retrieval import RetrievalOptions
+
+    assert isinstance(cfg.tasks[0].options, RetrievalOptions)  # typed once validated, everywhere after
     with pytest.raises(ConfigError, match="not an index"):
         load_config(path, ["tasks.3.loss_weight=1"])
 

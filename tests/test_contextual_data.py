@@ -11,7 +11,7 @@ from PIL import Image
 from shards.convert import main as convert_main
 from shards.reader import make_eval_loader
 from shards.synth import generate
-from shards.synth_contextual import COLOURS
+from shards.synth.contextual import COLOURS
 from training.tasks.contextual import contextual_accuracy
 
 

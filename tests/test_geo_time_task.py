@@ -10,7 +10,9 @@ from training import knowledge, metrics
 @pytest.mark.parametrize("label,expected", [
     ("2017-5-23", "May 23, 2017"), ("2017-5", "May, 2017"), ("2017", "2017"), ("1999-12", "December, 1999")])
 def test_time_label_rewriting(label, expected):
-    assert metrics.rewrite_time_label(label) == expected
+    from serving.predictors.geo_time import rewrite_time_label
+
+    assert rewrite_time_label(label) == expected
 
 
 @pytest.mark.parametrize("bad", ["2017-13", "2017-5-32", "May 2017", "", "2017-5-3-1"])

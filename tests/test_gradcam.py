@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import tiny_config
 from shards.synth import COLOURS, GRID_CELLS, POSITIONS, SHAPES, SceneObject, draw_scene
 from conftest import _run, _train, _write_config
-from training.gradcam import grad_cam, load_run, mask_box, peak, tokens_to_maps
+from training.retrieval.gradcam import grad_cam, load_run, mask_box, peak, tokens_to_maps
 
 SIZE = 64  # synthetic image side; the tiny ViT sees it unchanged
 

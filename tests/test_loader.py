@@ -12,7 +12,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 import training  # noqa: F401  (torchvision compatibility before open_clip)
-from shards.reader import decode_image, draft_scale
+from shards.samples import decode_image, draft_scale
 from shards.writer import ShardSetWriter
 from training import accelerator, data
 from training.config import DataConfig, config_from_dict

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import ROOT
 from shards.convert import main as convert_main
-from shards.synth_meme import REACTIONS, describe_meme, make_meme_sample, write_tiny_bert
+from shards.synth.meme import REACTIONS, describe_meme, make_meme_sample, write_tiny_bert
 from training.config import ConfigError
 from training.tasks.meme import FrozenEmotionEncoder, branch_scores, encode_text_with_tokens, score_meme
 

@@ -140,14 +140,6 @@ def test_numpy_preprocessing_matches_open_clip():
         np.testing.assert_allclose(ours(image), preprocess_val(image).numpy(), atol=1e-6, err_msg=f"{size} {mode}")
 
 
-def test_time_label_rewrite_twin():
-    from serving.infer import rewrite_time_label
-    from training.metrics import rewrite_time_label as torch_side
-
-    for label in ("2017", "2017-5", "1999-12-31", "2001-1-1"):
-        assert rewrite_time_label(label) == torch_side(label)
-
-
 def test_contextual_scorer_exports_with_parity(tmp_path):
     """The ContextualCLIP head (transformer over the set, fusion scale 1000) in onnxruntime, untrained."""
     from training.export.exporter import FP32_TOLERANCE, ImageEncoder, export_graph, fixed_images

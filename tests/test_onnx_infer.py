@@ -69,11 +69,11 @@ def _margin(scores: torch.Tensor) -> list[float]:
 
 
 def test_time_predictions_and_metrics_match_pytorch(exported, torch_model, onnx_model, time_shards, tmp_path):
-    from serving.infer import infer_images
+    from serving.infer import infer
     from training.tasks.time_of_day import score_time
 
     run, _ = exported
-    summary = infer_images(onnx_model, _items(time_shards), ["time"], tmp_path, batch_size=64)
+    summary = infer(onnx_model, _items(time_shards), ["time"], tmp_path, batch_size=64)
     assert summary["errors"] == 0 and summary["predicted"] == 200
     records = _jsonl(tmp_path / "time.jsonl")
     task = torch_model[0].heads["time"]
@@ -98,25 +98,26 @@ def test_time_predictions_and_metrics_match_pytorch(exported, torch_model, onnx_
 
 def test_int8_towers_predict_like_fp32(exported, onnx_model, time_shards, tmp_path):
     """The int8 towers (export --int8) give the fp32 graphs' hour predictions wherever fp32 is decided."""
-    from serving.infer import ExportedModel, infer_images
+    from serving.infer import ExportedModel, infer
     from serving.runtime import RuntimeOptions
 
     int8_model = ExportedModel(exported[1], RuntimeOptions(providers=("cpu",), int8=True))
     assert int8_model.session("image_encoder").path.name == "image_encoder.int8.onnx"
     for name, model in (("fp32", onnx_model), ("int8", int8_model)):
-        infer_images(model, _items(time_shards), ["time"], tmp_path / name, batch_size=64)
+        infer(model, _items(time_shards), ["time"], tmp_path / name, batch_size=64)
     fp32, int8 = _jsonl(tmp_path / "fp32" / "time.jsonl"), _jsonl(tmp_path / "int8" / "time.jsonl")
     same = np.mean([a["hour_bin"] == b["hour_bin"] for a, b in zip(fp32, int8)])
     assert len(int8) == len(fp32) == 200 and same >= 0.95, same
 
 
 def test_retrieval_gallery_and_metrics_match_pytorch(exported, torch_model, onnx_model, retrieval_shards, tmp_path):
-    from serving.infer import class_embeddings, infer_images, infer_queries
+    from serving.infer import Settings, answer_queries, infer
+    from serving.predictors.retrieval import class_embeddings
     from training.tasks.retrieval import score_retrieval
 
     run, _ = exported
     items = _items(retrieval_shards)
-    infer_images(onnx_model, items, ["retrieval"], tmp_path / "images")
+    infer(onnx_model, items, ["retrieval"], tmp_path / "images")
     gallery = np.load(tmp_path / "images" / "gallery" / "embeddings.npy")
     task = torch_model[0].heads["retrieval"]
     with torch.no_grad():
@@ -133,7 +134,8 @@ def test_retrieval_gallery_and_metrics_match_pytorch(exported, torch_model, onnx
     for key, value in ours.items():
         assert value == pytest.approx(after[f"retrieval/{key}"], abs=0.011), key
     # text queries against the gallery: the same ranking as torch's text->image similarities
-    infer_queries(onnx_model, captions[:20], tmp_path / "queries", tmp_path / "images" / "gallery", top=5)
+    answer_queries(onnx_model, captions[:20], tmp_path / "queries", ["retrieval"],
+                   Settings(top_k=5, options={"gallery": tmp_path / "images" / "gallery"}))
     results = _jsonl(tmp_path / "queries" / "retrieval.jsonl")
     sim = emb["text"][:20] @ emb["image"].T
     keys = [it.key for it in items]
@@ -143,14 +145,14 @@ def test_retrieval_gallery_and_metrics_match_pytorch(exported, torch_model, onnx
 
 
 def test_geo_time_predictions_and_metrics_match_pytorch(exported, torch_model, onnx_model, geo_shards, tmp_path):
-    from serving.infer import Settings, infer_images
+    from serving.infer import Settings, infer
     from training.tasks.geo_time import QUANTITIES, score_predictions
 
     run, _ = exported
     items = _items(geo_shards)
     golds = {q: [it.meta[f"gold_{q}"] for it in items] for q in QUANTITIES}
     candidates = {q: sorted(set(g)) for q, g in golds.items()}  # TARA: the evaluated set's labels
-    infer_images(onnx_model, items, ["geo_time"], tmp_path, Settings(geo_labels=candidates))
+    infer(onnx_model, items, ["geo_time"], tmp_path, Settings(options={"geo_labels": candidates}))
     records = _jsonl(tmp_path / "geo_time.jsonl")
     after = _after(run)
     model, backbone, _ = torch_model
@@ -172,14 +174,14 @@ def test_geo_time_predictions_and_metrics_match_pytorch(exported, torch_model, o
 
 
 def test_bad_image_is_reported_and_the_batch_goes_on(onnx_model, tmp_path):
-    from serving.infer import folder_items, infer_images
+    from serving.infer import folder_items, infer
 
     folder = tmp_path / "photos"
     folder.mkdir()
     for i in range(3):
         Image.new("RGB", (80, 60), (60 * i, 100, 200)).save(folder / f"ok{i}.png")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    summary = infer_images(onnx_model, folder_items(folder), ["time", "retrieval"], tmp_path / "out", batch_size=4)
+    summary = infer(onnx_model, folder_items(folder), ["time", "retrieval"], tmp_path / "out", batch_size=4)
     assert summary == {"items": 4, "predicted": 3, "errors": 1, "tasks": ["time", "retrieval"]}
     errors = _jsonl(tmp_path / "out" / "errors.jsonl")
     assert [e["key"] for e in errors] == ["broken.jpg"] and errors[0]["error"].startswith("bad_image")

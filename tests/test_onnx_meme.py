@@ -44,7 +44,8 @@ def test_meme_graphs_pass_parity_and_the_bert_tokenizer_matches(meme_export):
     from transformers import BertTokenizerFast
 
     from training.export.exporter import FP32_TOLERANCE
-    from serving.infer import ExportedModel, meme_tokenizer
+    from serving.infer import ExportedModel
+    from serving.predictors.meme import meme_tokenizer
 
     shards, run, export = meme_export
     manifest = json.loads((export / "manifest.json").read_text())

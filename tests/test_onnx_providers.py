@@ -191,7 +191,7 @@ def test_towers_get_tensorrt_with_profile_and_caches_heads_never(tower, tmp_path
 
 
 def test_exported_model_sends_only_the_towers_to_tensorrt(exported_model):
-    from serving.infer import TOWER_GRAPHS, ExportedModel
+    from serving.model import TOWER_GRAPHS, ExportedModel
     from serving.runtime import RuntimeOptions
 
     model = ExportedModel(exported_model, RuntimeOptions(providers=("tensorrt", "cpu")))

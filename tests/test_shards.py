@@ -1,9 +1,13 @@
 """Tests of the shards package: writing, URL expansion, synthetic data, loaders, bad-data handling, converters."""
 from __future__ import annotations
 
+import ast
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -14,12 +18,14 @@ import webdataset as wds
 from PIL import Image
 
 from shards import convert, synth
-from shards.reader import (
+from shards.convert.captions import convert_captions
+from shards.reader import make_eval_loader, make_loader
+from shards.samples import (
+    SkipLog,
     count_samples,
     epoch_shard_order,
     expand_urls,
-    make_eval_loader,
-    make_loader,
+    read_shard,
     read_skip_logs,
     summarize_skips,
 )
@@ -169,7 +175,7 @@ def test_count_samples_reads_unlisted_shards(tmp_path: Path) -> None:
 
 
 def small_synth(out: Path, seed: int = 0, n_train: int = 60, n_val: int = 20) -> dict[str, Any]:
-    return synth.generate(out, n_train=n_train, n_val=n_val, seed=seed, shard_size=25, image_size=32)
+    return synth.generate(out, task="retrieval", n_train=n_train, n_val=n_val, seed=seed, shard_size=25, image_size=32)
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -188,7 +194,7 @@ def test_synth_is_byte_identical_per_seed(tmp_path: Path) -> None:
 
 
 def test_synth_samples_follow_the_layout_and_hold_out_triples(tmp_path: Path) -> None:
-    meta = synth.generate(tmp_path, n_train=600, n_val=300, seed=3, shard_size=200, image_size=48)
+    meta = synth.generate(tmp_path, task="retrieval", n_train=600, n_val=300, seed=3, shard_size=200, image_size=48)
     assert meta == json.loads((tmp_path / "meta.json").read_text())
     assert meta["counts"] == {"train": 600, "val": 300} and len(meta["classes"]) == 32
     held_out = {tuple(t) for t in meta["held_out"]}
@@ -215,12 +221,13 @@ def test_synth_samples_follow_the_layout_and_hold_out_triples(tmp_path: Path) ->
 
 
 def test_synth_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    synth.main(["--out", str(tmp_path), "--train", "10", "--val", "4", "--shard-size", "5", "--image-size", "32"])
+    synth.main(["--out", str(tmp_path), "--task", "retrieval", "--train", "10", "--val", "4", "--shard-size", "5",
+                "--image-size", "32"])
     printed = json.loads(capsys.readouterr().out)
     assert printed["counts"] == {"train": 10, "val": 4}
     assert count_samples(str(tmp_path / "train")) == 10
     with pytest.raises(FileExistsError):
-        synth.main(["--out", str(tmp_path), "--train", "10", "--val", "4"])
+        synth.main(["--out", str(tmp_path), "--task", "retrieval", "--train", "10", "--val", "4"])
 
 
 # --------------------------------------------------------------------------- loaders
@@ -442,7 +449,7 @@ def test_convert_captions_csv(tmp_path: Path) -> None:
         "one.jpg,too,many,fields\n"
         ",no image,x\n"
     )
-    summary = convert.convert_captions(tmp_path / "data.csv", tmp_path / "out")
+    summary = convert_captions(tmp_path / "data.csv", tmp_path / "out")
     assert summary == {"read": 7, "written": 2,
                        "skipped": {"bad_row": 2, "corrupt_image": 1, "missing_caption": 1, "missing_image": 1}}
     samples = converted(tmp_path / "out")
@@ -479,7 +486,7 @@ def test_convert_captions_jsonl_with_images_root(tmp_path: Path, capsys: pytest.
 def test_converted_shards_load(tmp_path: Path) -> None:
     caption_images(tmp_path)
     (tmp_path / "data.csv").write_text("image,caption\none.jpg,a\nsub/two.png,b\nthree.png,c\n")
-    convert.convert_captions(tmp_path / "data.csv", tmp_path / "out", shard_size=1)
+    convert_captions(tmp_path / "data.csv", tmp_path / "out", shard_size=1)
 
     def caption_of(sample: dict[str, Any]) -> dict[str, Any]:
         image = sample.get("jpg") or sample.get("png")
@@ -488,3 +495,106 @@ def test_converted_shards_load(tmp_path: Path) -> None:
     batches = list(make_eval_loader(str(tmp_path / "out"), map_fn=caption_of, batch_size=2))
     assert [c for b in batches for c in b["caption"]] == ["a", "b", "c"]
     assert batches[0]["pixels"].shape == (2, 3)
+
+
+# --------------------------------------------------------------------------- torch-free reading, registries
+
+
+def test_samples_imports_neither_torch_nor_webdataset() -> None:
+    """Serving reads shards through shards.samples, so it must stay torch-free (checked in a fresh interpreter)."""
+    code = ("import sys, shards.samples; "
+            "print(sorted(m for m in ('torch', 'webdataset') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip() == "[]"
+
+
+def test_shards_imports_nothing_from_training() -> None:
+    """The data layer sits below the training package: no module of shards/ imports it."""
+    root = Path(__file__).resolve().parents[1] / "shards"
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names if n == "training" or n.startswith("training.")]
+    assert offenders == []
+
+
+def raw_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_read_shard_groups_members_as_webdataset_does(tmp_path: Path) -> None:
+    """Keys up to the first dot of the file name, extensions lower-cased, metadata and dot-less names skipped."""
+    members = [("__index__", b"meta"), ("dir/a0.JSON", b"{}"), ("dir/a0.0.png", b"p0"), ("dir/a0.1.PNG", b"p1"),
+               ("README", b"x"), ("b.c/d.tar.gz", b"g"), ("e.txt", b"t"), ("e.json", b"{}")]
+    raw_tar(tmp_path / "one.tar", members)
+    url = str(tmp_path / "one.tar")
+    ours = list(read_shard(url, SkipLog()))
+    theirs = [{k: v for k, v in s.items() if k != "__local_path__"}
+              for s in wds.tarfile_to_samples()([{"url": url}])]
+    assert ours == theirs
+    assert [s["__key__"] for s in ours] == ["dir/a0", "b.c/d", "e"]
+    assert ours[0] == {"__key__": "dir/a0", "__url__": url, "json": b"{}", "0.png": b"p0", "1.png": b"p1"}
+
+
+def test_read_shard_reports_unreadable_and_repeated_members(tmp_path: Path) -> None:
+    raw_tar(tmp_path / "dup.tar", [("a.json", b"{}"), ("b.json", b"{}"), ("b.JSON", b"{}"), ("c.json", b"{}")])
+    (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
+    log = SkipLog(tmp_path / "log")
+    assert [s["__key__"] for s in read_shard(str(tmp_path / "dup.tar"), log)] == ["a"]
+    assert list(read_shard(str(tmp_path / "junk.tar"), log)) == []
+    assert list(read_shard(str(tmp_path / "gone.tar"), log)) == []
+    records = {(Path(r["shard"]).name, r["key"], r["reason"]) for r in read_skip_logs(tmp_path / "log")}
+    assert records == {("dup.tar", "b", "corrupt_tar"), ("junk.tar", None, "corrupt_tar"),
+                       ("gone.tar", None, "corrupt_tar")}
+
+
+def test_synth_registry_rejects_duplicates_and_names_the_known_tasks() -> None:
+    known = synth.list_synth()
+    assert known == ["contextual", "geo_time", "meme", "retrieval", "time"]
+    with pytest.raises(ValueError, match="already registered"):
+        synth.register_synth("retrieval", synth.get_synth("time"))
+    with pytest.raises(KeyError, match=r"unknown synthetic task 'nope'.*geo_time"):
+        synth.get_synth("nope")
+    with pytest.raises(ValueError, match="unknown synthetic task 'nope'"):
+        synth.generate("unused", task="nope")
+    with pytest.raises(TypeError, match="SynthTask"):
+        synth.register_synth("not_a_task", object())
+    assert synth.list_synth() == known
+    assert synth.get_synth("meme").run_options(Path("d")) == {"bert": str(Path("d") / "bert-tiny")}
+    assert synth.get_synth("retrieval").run_options is None
+    with pytest.raises(SystemExit):  # the CLI names no default task
+        synth.parse_args(["--out", "unused"])
+
+
+def test_convert_registry_rejects_duplicates_and_names_the_known_formats() -> None:
+    known = convert.list_converters()
+    assert known == ["captions", "folder", "imagecode", "meme", "tara", "toc"]
+    with pytest.raises(ValueError, match="already registered"):
+        convert.register_converter("folder", convert.get_converter("captions"))
+    with pytest.raises(KeyError, match=r"unknown converter 'nope'.*imagecode"):
+        convert.get_converter("nope")
+    with pytest.raises(TypeError, match="Converter"):
+        convert.register_converter("not_a_converter", object())
+    assert convert.list_converters() == known
+
+
+def test_plugins_register_synth_tasks_and_converters(tmp_path: Path) -> None:
+    """An out-of-tree module named in MULTICLIP_PLUGINS registers a generator and a converter (fresh process)."""
+    (tmp_path / "my_plugin.py").write_text(
+        "from shards.convert import Converter, register_converter\n"
+        "from shards.synth import SynthTask, get_synth, register_synth\n"
+        "register_synth('my_task', get_synth('retrieval'))\n"
+        "register_converter('my_format', Converter('mine', lambda parser: None, lambda **kw: kw))\n"
+    )
+    code = "from shards import convert, synth; print(synth.list_synth(), convert.list_converters())"
+    env = {**os.environ, "MULTICLIP_PLUGINS": "my_plugin",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1])])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert "'my_task'" in result.stdout and "'my_format'" in result.stdout

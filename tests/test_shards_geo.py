@@ -14,10 +14,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from shards import convert, synth_geo
-from shards.convert_tara import add_tara_arguments, convert_tara, normalise_time
-from shards.reader import expand_urls
-from shards.synth_geo import (
+from shards import convert
+from shards.convert.tara import add_tara_arguments, convert_tara, normalise_time
+from shards.samples import expand_urls
+from shards.synth import geo_time as synth_geo
+from shards.synth.geo_time import (
     choose_layout,
     choose_scene,
     describe_geo,
@@ -329,7 +330,7 @@ def test_convert_tara_dict_of_ids(tmp_path: Path) -> None:
 
 
 def test_convert_tara_json_lines_through_the_cli_arguments(tmp_path: Path) -> None:
-    """add_tara_arguments + convert's common arguments, as the CONVERTERS registry would wire them."""
+    """add_tara_arguments + convert's common arguments, as shards.convert.build_parser wires them."""
     images, records, kept = tara_fixture(tmp_path)
     lines = [json.dumps(records[0]), "", json.dumps(records[1]), "{broken", json.dumps(["not", "a", "row"])]
     lines += [json.dumps(record) for record in records[2:]]

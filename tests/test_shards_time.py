@@ -1,4 +1,4 @@
-"""Tests of the time task's data: synthetic scenes (shards.synth_time) and the TOC converter (shards.convert_toc)."""
+"""The time task's data: synthetic scenes (shards.synth.time_of_day), the TOC converter (shards.convert.toc)."""
 from __future__ import annotations
 
 import argparse
@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from shards import convert, records, synth
-from shards.convert_toc import add_toc_arguments, convert_toc, parse_local_time
+from shards.convert.toc import add_toc_arguments, convert_toc, parse_local_time
 from shards.reader import make_eval_loader
-from shards.synth_time import MONTH_NAMES, describe_time, draw_time_scene, make_time_sample
+from shards.synth.time_of_day import MONTH_NAMES, describe_time, draw_time_scene, make_time_sample
 from shards.writer import encode_image
 
 TIME_TASK = synth.SynthTask(describe=describe_time, make_sample=make_time_sample)
@@ -87,9 +87,9 @@ def test_synth_time_draws_hours_and_months_uniformly():
     assert max(np.bincount([f["hour"] for f in fields])) < 3 * 1200 / 24
 
 
-def test_synth_time_generate_is_byte_identical(tmp_path, monkeypatch):
-    """Through shards.synth.generate, as the CLI runs it once "time" is registered there."""
-    monkeypatch.setitem(synth.SYNTH_TASKS, "time", TIME_TASK)
+def test_synth_time_generate_is_byte_identical(tmp_path):
+    """Through shards.synth.generate, as the CLI runs it: "time" is the time_of_day module's registration."""
+    assert synth.get_synth("time") == TIME_TASK
     metas = [synth.generate(tmp_path / name, task="time", n_train=30, n_val=10, seed=7, shard_size=16)
              for name in ("a", "b")]
     assert metas[0] == metas[1] and metas[0]["counts"] == {"train": 30, "val": 10}

@@ -1,4 +1,4 @@
 """multiclip training library: backbone, task heads, config, trainer, export."""
-from training._torchvision_compat import install as _install_torchvision_compat
+from shards.torchvision_compat import install as _install_torchvision_compat
 
 _install_torchvision_compat()

@@ -53,7 +53,7 @@ class DataConfig(_Section):
 class TaskConfig(_Section):
     name: str  # registry key, see training.registry.list_tasks()
     loss_weight: float = Field(1.0, gt=0)  # multiplier of this task's losses in the total
-    options: dict[str, Any] = Field(default_factory=dict)  # validated by the task's own Options model
+    options: Any = Field(default_factory=dict)  # a dict in; the task's own typed Options object once validated
     sampling_weight: float = Field(1.0, gt=0)  # share of micro batches drawn for this task in a mixed job
     micro_batch_size: int | None = Field(None, ge=1)  # this task's samples per rank per forward (default: optim's)
     train: str | list[str] | None = None  # this task's training shards (default: data.train)
@@ -195,13 +195,13 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
-    problems = []
+    problems, tasks = [], []
     for i, task in enumerate(cfg.tasks):
         if task.name not in list_tasks():
             problems.append(f"  - tasks.{i}.name: unknown task {task.name!r}; known: {list_tasks()}")
             continue
         try:
-            get_task_class(task.name).Options.model_validate(task.options)
+            tasks.append(task.model_copy(update={"options": get_task_class(task.name).Options.model_validate(task.options)}))
         except ValidationError as err:
             for e in err.errors():
                 where = ".".join(str(p) for p in e["loc"])
@@ -229,7 +229,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
             problems.append(f"  - deepspeed.config_file: {err}")
     if problems:
         raise ConfigError(f"{source}: {len(problems)} problem(s)\n" + "\n".join(problems))
-    return cfg
+    return cfg.model_copy(update={"tasks": tasks})  # every task's options now its typed Options object
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -26,7 +26,8 @@ from torch.utils.data import default_collate
 from torchvision import transforms as T
 
 from shards import members
-from shards.reader import count_samples, expand_urls, make_eval_loader, make_loader
+from shards.reader import make_eval_loader, make_loader
+from shards.samples import count_samples, expand_urls
 from training import accelerator
 from training.config import Config
 from training.distributed import DistInfo
@@ -111,7 +112,7 @@ def decode_size_for(transform: Callable) -> int | None:
       gives 250 px for a 224-px model, 73 px for a 64-px one.
 
     The draft decode then picks the smallest 1/2, 1/4, 1/8 scale that keeps this shorter side
-    (:func:`shards.reader.draft_scale`); an image that is already smaller is decoded at full size.
+    (:func:`shards.samples.draft_scale`); an image that is already smaller is decoded at full size.
     """
     steps = list(getattr(transform, "transforms", [transform]))
     for step in steps:  # the first geometric step decides how many source pixels the output uses

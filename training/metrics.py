@@ -207,26 +207,12 @@ def cyclic_positives(query_values, gallery_values, tolerance: float, period: flo
 
 # --- TARA protocol (geo_time) -------------------------------------------------------------------
 
-_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September",
-           "October", "November", "December")
-
-
 def _date_parts(label: str) -> list[int]:
     parts = [int(p) for p in str(label).strip().split("-")]
     if not 1 <= len(parts) <= 3 or (len(parts) > 1 and not 1 <= parts[1] <= 12) or \
             (len(parts) > 2 and not 1 <= parts[2] <= 31):
         raise ValueError(f"not a YYYY, YYYY-M or YYYY-M-D time label: {label!r}")
     return parts
-
-
-def rewrite_time_label(label: str) -> str:
-    """TARA's prompt form: "2017-5-23" -> "May 23, 2017", "2017-5" -> "May, 2017", "2017" stays."""
-    parts = _date_parts(label)
-    if len(parts) == 3:
-        return f"{_MONTHS[parts[1] - 1]} {parts[2]}, {parts[0]}"
-    if len(parts) == 2:
-        return f"{_MONTHS[parts[1] - 1]}, {parts[0]}"
-    return str(parts[0])
 
 
 def time_hierarchy(label: str) -> set[str]:

@@ -1,8 +1,9 @@
 """The one place where task names map to task classes.
 
 Each task module in ``training/tasks/`` decorates its class with :func:`register_task`;
-``training/tasks/__init__.py`` imports every module explicitly, so the registry is complete as
-soon as :mod:`training.tasks` is imported (no import side effects to remember elsewhere).
+``training/tasks/__init__.py`` imports every module of the package, and the plugin modules of
+``MULTICLIP_PLUGINS`` (group ``tasks``; see :mod:`shards.plugins`) come next, so a task defined in
+another package registers the same way.
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ def register_task(name: str) -> Callable[[T], T]:
 
 def _ensure_loaded() -> None:
     import training.tasks  # noqa: F401  (imports every task module)
+    from shards.plugins import load_plugins
+
+    load_plugins("tasks")
 
 
 def list_tasks() -> list[str]:

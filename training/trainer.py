@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import yaml
 
-from shards.reader import read_skip_logs, summarize_skips
+from shards.samples import read_skip_logs, summarize_skips
 from training import checkpoint as ckpt
 from training.config import Config, load_deepspeed_overrides
 from training import accelerator

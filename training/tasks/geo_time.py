@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.predictors.geo_time import rewrite_time_label  # the torch-free twin serves both sides
 from training import knowledge, metrics
 from training.config import ConfigError
 from training.export.graph import Graph, HeadExport, fixed_images
@@ -60,7 +61,7 @@ class GeoTimeOptions(TaskOptions):
 
 def prompt_text(template: str, quantity: str, label: str) -> str:
     """The TARA prompt: time labels are rewritten ("2017-5" -> "May, 2017") first."""
-    return template.format(metrics.rewrite_time_label(label) if quantity == "time" else label)
+    return template.format(rewrite_time_label(label) if quantity == "time" else label)
 
 
 def check_vit(visual: nn.Module) -> None:

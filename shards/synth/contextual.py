@@ -1,6 +1,6 @@
 """Synthetic data for the "contextual" task (ImageCoDe): pick 1 of 10 near-identical images from a description.
 
-Registered in ``shards.synth.SYNTH_TASKS`` as "contextual". A set is one scene drawn 10 times: a dark
+Registers itself with ``shards.synth`` as "contextual". A set is one scene drawn 10 times: a dark
 background, a static distractor object and a main object that differs only slightly between frames.
 
 - video sets (``static: false``, set name ``synth-video-N``): frames are in time order; the main object
@@ -19,7 +19,6 @@ Descriptions name the distinguishing detail, as ImageCoDe's annotators do:
 
 So a frame-independent scorer (zero-shot cosine) gets ``flash`` and some ``extreme`` right but not
 ``before``/``after``, and a scorer that looks at the whole set (the ContextualCLIP head) can do better.
-This module imports nothing from ``shards`` but the writer, so ``shards.synth`` can import it.
 """
 from __future__ import annotations
 
@@ -30,14 +29,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from shards.shapes import draw_shape
+from shards.synth import SampleFields, SynthTask, register_synth
+from shards.synth.scenes import COLOURS, SHAPES
 from shards.writer import encode_image
 
 NUM_FRAMES = 10
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (225, 35, 35), "green": (40, 205, 60), "blue": (45, 90, 240), "yellow": (245, 225, 35),
-    "purple": (160, 55, 210), "orange": (250, 140, 20), "white": (245, 245, 245), "cyan": (40, 225, 230),
-}
-SHAPES = ("circle", "square", "triangle", "cross")
 STATIC_SHARE = 0.35  # ImageCoDe: about a third of the sets are static (Open Images)
 VIDEO_KINDS = (("flash", 0.25), ("before", 0.25), ("after", 0.25), ("extreme", 0.25))
 STATIC_KINDS = (("flash", 0.4), ("extreme", 0.6))
@@ -50,8 +46,6 @@ STATIC_EXTREME = 0.11  # how far the target of an "extreme" description is pushe
 BACKGROUND_MAX = 70
 FRAME_NOISE = 8  # per-frame pixel noise: frames are near-identical, never identical
 NOISE_DENSITY = 0.1  # share of pixels that get noise
-
-SampleFields = dict[str, Any]
 
 
 def describe_contextual(seed: int) -> dict[str, Any]:
@@ -181,3 +175,6 @@ def make_contextual_sample(
     fields = {"caption": description, "label": description, "description": description, "target": plan["target"],
               "static": static, "set": set_name, "kind": plan["kind"]}
     return images, fields
+
+
+register_synth("contextual", SynthTask(describe=describe_contextual, make_sample=make_contextual_sample))

@@ -29,6 +29,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from shards.convert import Converter, register_converter
 from shards.records import SUMMARY_FILE, SkipRecord, Summary, image_extension, read_verified_image
 from shards.writer import ShardSetWriter
 
@@ -161,3 +162,7 @@ def convert_imagecode(
 def add_imagecode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--descriptions", required=True, help="ImageCoDe {set_name: {img_idx: description}} JSON")
     parser.add_argument("--images", required=True, help="directory with one folder of img<frame>.jpg per set")
+
+
+register_converter("imagecode", Converter(
+    "ImageCoDe: descriptions of 1 of 10 near-identical images", add_imagecode_arguments, convert_imagecode))

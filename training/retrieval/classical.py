@@ -33,7 +33,8 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
-from shards.reader import expand_urls, make_eval_loader
+from shards.reader import make_eval_loader
+from shards.samples import expand_urls
 from training import metrics
 from training.config import load_config
 from shards.members import single_image
@@ -332,12 +333,11 @@ def compare_retrievers(run_dir, train_urls=None, val_urls=None, zero_shot: bool 
     if set(expand_urls(train_urls)) & set(expand_urls(val_urls)):
         raise ValueError(f"train shards {train_urls} and val shards {val_urls} overlap")
     train, val = load_samples(train_urls), load_samples(val_urls)
-    task_options = next(t.options for t in cfg.tasks if t.name == "retrieval") if any(
-        t.name == "retrieval" for t in cfg.tasks) else {}
-    classnames = task_options.get("classnames") or sorted(set(val.labels))
+    task_options = next((t.options for t in cfg.tasks if t.name == "retrieval"), RetrievalOptions())
+    classnames = list(task_options.classnames or ()) or sorted(set(val.labels))
     results = {"CLIP (trained)": evaluate_clip(cfg, run_dir, val, classnames, training_seconds(run_dir))}
     if zero_shot or (zero_shot is None and cfg.model.pretrained):
         results["CLIP (zero-shot)"] = evaluate_clip(cfg, None, val, classnames, 0.0)
-    results["classical BoF"], _ = evaluate_classical(train, val, options, RetrievalOptions(**task_options), classnames)
+    results["classical BoF"], _ = evaluate_classical(train, val, options, task_options, classnames)
     return {"results": results, "markdown": markdown_table(results),
             "samples": {"train": len(train), "val": len(val), "train_urls": train_urls, "val_urls": val_urls}}

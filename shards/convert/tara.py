@@ -6,11 +6,8 @@ Records are a JSON list of objects, a JSON object of id -> object, or JSON lines
 ``image_path``/``image`` (a local path) or ``image_url``; the file is looked up in the images directory by
 that relative path, then by its file name (for a URL: the last path part, query string dropped). Labels are
 checked before any image is read: ``bad_location`` (empty or not a string) and ``bad_time`` (not YYYY,
-YYYY-M or YYYY-M-D with a real month and day) join convert.py's ``missing_image``/``corrupt_image``/
+YYYY-M or YYYY-M-D with a real month and day) join ``shards.records``' ``missing_image``/``corrupt_image``/
 ``bad_row`` counts in summary.json. ``labels.json`` lists the location and time labels actually written.
-
-shards.convert registers this module in its CLI, so this module imports shards.convert only inside
-functions: a top-level import would be circular under ``python -m shards.convert``.
 """
 from __future__ import annotations
 
@@ -23,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import unquote, urlsplit
 
+from shards.convert import Converter, register_converter
 from shards.jsonl import json_lines
 from shards.records import SkipRecord, SourceRecord, write_records
 from shards.writer import existing_shards
@@ -230,3 +228,7 @@ def convert_tara(
 def add_tara_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--records", required=True, help="TARA .json (list or id -> record) or .jsonl file")
     parser.add_argument("--images", required=True, help="directory holding the images, found by file name")
+
+
+register_converter("tara", Converter(
+    "TARA geo_time records: photos with where and when", add_tara_arguments, convert_tara))

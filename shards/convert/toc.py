@@ -29,9 +29,10 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
+from shards.convert import Converter, register_converter
 from shards.jsonl import json_lines
 from shards.records import SkipRecord, SourceRecord, write_records
-from shards.synth_time import hour_label, time_caption
+from shards.synth.time_of_day import hour_label, time_caption
 
 
 TASK = "time"
@@ -130,3 +131,7 @@ def convert_toc(
 def add_toc_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metadata", required=True, help="TOC metadata: JSON list of records, or JSON lines")
     parser.add_argument("--images", required=True, help="directory holding the images named by ground_path")
+
+
+register_converter("toc", Converter(
+    "TOC (TICL) metadata: photos with their local time", add_toc_arguments, convert_toc))

@@ -6,9 +6,11 @@ open_clip needs only torchvision's Python transforms, never its compiled ops, so
 when) ``_C`` cannot be loaded we declare the two op schemas that torchvision registers fake
 kernels for. Where ``_C`` loads (GPU images, the Dockerfile) this is a no-op.
 
-``training/__init__.py`` calls :func:`install` before anything imports open_clip, so every
-process that goes through the ``training`` package (deepspeed ranks, DataLoader workers,
-Ray workers) gets it.
+The one bootstrap, in the lowest package that needs it (``shards`` imports nothing from ``training``):
+``training/__init__.py`` calls :func:`install` before anything imports open_clip, so every process that
+goes through the ``training`` package (deepspeed ranks, DataLoader workers, Ray workers) gets it, and
+the meme generator calls it before ``transformers`` (whose model classes import torchvision whenever
+it is installed, with no switch to skip it). Calling it twice is harmless.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Synthetic data for the "time" task (TICL): hour of day and month from a still outdoor scene.
 
-Registered in ``shards.synth.SYNTH_TASKS`` as "time"; ``describe_time`` and ``make_time_sample`` follow
-its ``SynthTask`` protocol. A scene is sky, ground, a tree and a house:
+Registers itself with ``shards.synth`` as "time" (module ``time_of_day``, so it never shadows the standard
+library's ``time``). A scene is sky, ground, a tree and a house:
 
 - hour: sky colour (night dark blue, dawn orange/pink, day light blue, dusk red/purple), light level on
   everything below the sky, and the sun (day) or moon (night) on an arc whose x position moves
@@ -12,8 +12,8 @@ its ``SynthTask`` protocol. A scene is sky, ground, a tree and a house:
 - nuisance: horizon height, clouds, stars, moon phase, tree and house positions, palette jitter and
   sparse grey pixel noise, so a model has to read the cues rather than a fixed pixel.
 
-Captions and labels use the same format as ``shards.convert_toc`` ("a photo taken at 17:49 in May",
-"17h"), so synthetic and converted TOC shards are interchangeable.
+Captions and labels use one format ("a photo taken at 17:49 in May", "17h"), defined here and imported
+by ``shards.convert.toc``, so synthetic and converted TOC shards are interchangeable.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from shards.synth import SampleFields, SynthTask, register_synth
 from shards.writer import encode_image
 
 MONTH_NAMES = ("January", "February", "March", "April", "May", "June",
@@ -77,8 +78,6 @@ PALETTE_JITTER = 12
 NOISE_AMPLITUDE = 10
 NOISE_DENSITY = 0.12
 NOISE_BANK_SEED = 20240605
-
-SampleFields = dict[str, Any]
 
 
 # --------------------------------------------------------------------------- shared caption format
@@ -308,3 +307,6 @@ def make_time_sample(
         "time": stamp,
     }
     return {"png": encode_image(image, "png")}, fields
+
+
+register_synth("time", SynthTask(describe=describe_time, make_sample=make_time_sample))

@@ -1,7 +1,6 @@
 """Synthetic data for the "meme" task (CLIP4Meme): query -> meme retrieval.
 
-Registered in ``shards.synth.SYNTH_TASKS`` as "meme"; ``describe_meme`` and ``make_meme_sample`` follow
-its ``SynthTask`` protocol. A meme is a picture of two objects of the same size (colour + shape, the
+Registers itself with ``shards.synth`` as "meme". A meme is a picture of two objects of the same size (colour + shape, the
 retrieval palette) on a noisy gradient, plus:
 
 - ``context``: a VLM-style caption of the picture ("a red circle at the top left next to a blue
@@ -32,6 +31,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from shards import torchvision_compat
+from shards.synth import SynthTask, register_synth
+from shards.synth.scenes import COLOURS, SHAPES
+from shards.synth.scenes import GRID_CELLS as POSITIONS  # position word -> (column, row) in a 3x3 grid
 from shards.writer import encode_image
 
 TASK = "meme"
@@ -46,15 +49,7 @@ REACTIONS = {
 }
 NEUTRAL_EMOTION = "calm"  # a second person's emotion word: present in the input, never in a query
 SECOND_PERSON_PROBABILITY = 0.3
-# Drawing is self-contained (shards.synth registers this module, so importing it back would be circular
-# under ``python -m shards.synth``). Object colours all have a channel >= 200; backgrounds stay below 90.
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (225, 35, 35), "green": (40, 205, 60), "blue": (45, 90, 240), "yellow": (245, 225, 35),
-    "purple": (160, 55, 210), "orange": (250, 140, 20), "white": (245, 245, 245), "cyan": (40, 225, 230),
-}
-SHAPES = ("circle", "square", "triangle", "cross")
-# position word -> (column, row) of a cell in a 3x3 grid
-POSITIONS = {"top left": (0, 0), "top right": (2, 0), "bottom left": (0, 2), "bottom right": (2, 2), "center": (1, 1)}
+# The retrieval palette (every colour has a channel >= 200); meme backgrounds stay below 90.
 SIZE_FRACTION = {"large": 0.85}  # of a grid cell
 BERT_FOLDER = "bert-tiny"
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -191,11 +186,11 @@ def write_tiny_bert(folder: str | Path, words: list[str] | None = None, seed: in
     """A randomly initialised tiny BERT + WordPiece tokenizer, saved like any Hugging Face BERT folder.
 
     transformers is imported here, not at module level: it takes seconds to import (and pulls in
-    torchvision, hence ``training``'s compatibility shim first), and only the meme task needs it.
+    torchvision, hence the compatibility shim first), and only the meme task needs it.
     """
     import torch
 
-    import training  # noqa: F401  (torchvision compatibility before transformers imports it)
+    torchvision_compat.install()
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder = Path(folder)
@@ -211,3 +206,12 @@ def write_tiny_bert(folder: str | Path, words: list[str] | None = None, seed: in
 def write_meme_extras(out: Path, task_meta: dict[str, Any], seed: int) -> None:
     """The tiny BERT that configs/meme_tiny.yaml names (real data: bert-base-uncased instead)."""
     write_tiny_bert(out / BERT_FOLDER, seed=seed)
+
+
+def meme_run_options(out: Path) -> dict[str, Any]:
+    """The meme task option that points a run at the tiny BERT ``write_meme_extras`` wrote."""
+    return {"bert": str(Path(out) / BERT_FOLDER)}
+
+
+register_synth("meme", SynthTask(describe=describe_meme, make_sample=make_meme_sample,
+                                 write_extras=write_meme_extras, run_options=meme_run_options))

@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+from shards.convert import Converter, register_converter
 from shards.members import IMAGE_MEMBERS
 from shards.records import SkipRecord, SourceRecord, write_records
 
@@ -156,3 +157,7 @@ def add_meme_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training ({sentences, titles}) or test ({id: {gt, titles}}) JSON")
     parser.add_argument("--emotions", required=True, help="JSON list of {video_id, emotion: [{person_1: word}]}")
     parser.add_argument("--images", required=True, help="directory holding {video_id}.jpg")
+
+
+register_converter("meme", Converter(
+    "CLIP4Meme annotations (training or test layout) + emotions", add_meme_arguments, convert_meme))

@@ -13,11 +13,13 @@ The world has a long tail, as photo collections do: one city per country is 20 t
 (``RARE_CITY_WEIGHT``, in every split), while the knowledge corpus describes every city alike.
 Positions, sizes, clouds, trees and noise vary per sample. ``write_knowledge_corpus`` writes texts that
 describe these cues by name (the retrieval side of QR-CLIP) among many distractors that describe nothing
-in the images. This module imports nothing from ``shards``, so ``shards.synth`` can import it.
+in the images. Registers itself with ``shards.synth`` as "geo_time"; ``write_geo_extras`` writes the
+corpus (``knowledge.txt``) and the candidate labels (``labels.json``) beside the splits.
 """
 from __future__ import annotations
 
 import io
+import json
 import random
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,7 +29,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-SampleFields = dict[str, Any]
+from shards.synth import SampleFields, SynthTask, register_synth
+
 RGB = tuple[int, int, int]
 
 N_REGIONS, COUNTRIES_PER_REGION, CITIES_PER_COUNTRY = 3, 2, 2
@@ -783,3 +786,18 @@ def write_knowledge_corpus(task_meta: dict[str, Any], path: str | Path, n_distra
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return len(lines)
+
+
+def write_geo_extras(out: Path, task_meta: dict[str, Any], seed: int) -> None:
+    """geo_time also needs its knowledge corpus and the candidate labels."""
+    write_knowledge_corpus(task_meta, out / "knowledge.txt", seed=seed)
+    (out / "labels.json").write_text(json.dumps(labels_of(task_meta), indent=1) + "\n")
+
+
+def geo_run_options(out: Path) -> dict[str, Any]:
+    """The geo_time task options that point a run at the corpus and labels ``write_geo_extras`` wrote."""
+    return {"knowledge_corpus": str(Path(out) / "knowledge.txt"), "labels_file": str(Path(out) / "labels.json")}
+
+
+register_synth("geo_time", SynthTask(describe=describe_geo, make_sample=make_geo_sample,
+                                     write_extras=write_geo_extras, run_options=geo_run_options))

@@ -1,0 +1,4 @@
+"""``python -m shards.convert``: see the package docstring."""
+from shards.convert import cli
+
+cli()

@@ -1,0 +1,413 @@
+"""Reading shard sets without torch: URL expansion, sample counts, skip records, tar reading and decoding.
+
+The torch-free half of the reader: serving (Ray extraction, ONNX inference) reads shards through this
+module, and ``shards.reader`` builds its DataLoaders on top of it. Only the standard library,
+braceexpand, PIL and numpy are imported here (no webdataset, which imports torch).
+
+Every stage that can meet bad data (tar, image, json, map_fn) reports to one ``SkipLog`` and drops
+only the affected sample, so one broken file never stops a long run.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import re
+import tarfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import braceexpand
+from PIL import Image
+
+from shards.members import is_written_image_member as is_image_member
+
+LOGGER = logging.getLogger("multiclip.shards")
+SKIP_REASONS = ("corrupt_tar", "bad_image", "bad_json", "map_error", "missing_image", "missing_json")
+# The index ShardSetWriter writes beside the shards (shards.writer imports webdataset, so not from there).
+SIZES_FILE = "sizes.json"
+
+MapFn = Callable[[dict[str, Any]], Any]
+
+
+# --------------------------------------------------------------------------- URL expansion and counting
+
+
+def expand_urls(spec: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[str]:
+    """Turn brace patterns, globs, directories (or a list of them) into the shard files they name."""
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    urls: list[str] = []
+    for one in specs:
+        urls.extend(_expand_one(os.fspath(one)))
+    return urls
+
+
+def _has_glob(spec: str) -> bool:
+    return any(char in spec for char in "*?[")
+
+
+def _expand_one(spec: str) -> list[str]:
+    """One spec to files; raises FileNotFoundError naming the spec (and missing files) when nothing fits."""
+    if os.path.isdir(spec):
+        return _expand_directory(spec)
+    if "{" in spec:
+        return _expand_braces(spec)
+    if _has_glob(spec):
+        return _expand_glob(spec)
+    if os.path.isfile(spec):
+        return [spec]
+    raise FileNotFoundError(f"shard spec {spec!r} matches no file")
+
+
+def _expand_directory(spec: str) -> list[str]:
+    urls = sorted(glob.glob(os.path.join(glob.escape(spec), "*.tar")))
+    if not urls:
+        raise FileNotFoundError(f"shard directory {spec!r} holds no *.tar file")
+    return urls
+
+
+def _expand_glob(spec: str) -> list[str]:
+    urls = sorted(path for path in glob.glob(spec) if os.path.isfile(path))
+    if not urls:
+        raise FileNotFoundError(f"shard pattern {spec!r} matches no file")
+    return urls
+
+
+def _expand_braces(spec: str) -> list[str]:
+    """Brace patterns name exact files, so every expanded name must exist (globs inside may match several)."""
+    urls: list[str] = []
+    missing: list[str] = []
+    for name in braceexpand.braceexpand(spec):
+        found = sorted(glob.glob(name)) if _has_glob(name) else ([name] if os.path.isfile(name) else [])
+        urls.extend(found)
+        if not found:
+            missing.append(name)
+    if not urls:
+        raise FileNotFoundError(f"shard pattern {spec!r} matches no file")
+    if missing:
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise FileNotFoundError(f"shard pattern {spec!r}: {len(missing)} expanded file(s) missing: {shown}")
+    return urls
+
+
+def load_sizes(directory: str | Path) -> dict[str, int]:
+    """Samples per shard basename from a directory's sizes.json; empty when there is none."""
+    path = Path(directory) / SIZES_FILE
+    try:
+        return {str(name): int(n) for name, n in json.loads(path.read_text())["shards"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+class ShardSizes:
+    """Listed sample counts of shards, reading each directory's sizes.json once."""
+
+    def __init__(self) -> None:
+        self._by_dir: dict[str, dict[str, int]] = {}
+
+    def listed(self, url: str) -> int | None:
+        """The count sizes.json gives for this shard, or None when it is not listed."""
+        directory = os.path.dirname(url)
+        if directory not in self._by_dir:
+            self._by_dir[directory] = load_sizes(directory or ".")
+        return self._by_dir[directory].get(os.path.basename(url))
+
+
+def count_samples(urls: str | list[str]) -> int:
+    """Total samples in the shards, from sizes.json where listed, else by reading the shard."""
+    sizes = ShardSizes()
+    total = 0
+    for url in expand_urls(urls):
+        listed = sizes.listed(url)
+        total += listed if listed is not None else count_by_reading(url)
+    return total
+
+
+def count_by_reading(url: str) -> int:
+    """Slow path for unindexed shards: count the samples that can be read."""
+    return sum(1 for _ in read_shard(url, SkipLog()))
+
+
+# --------------------------------------------------------------------------- skip records
+
+
+class SkipLog:
+    """Records skipped samples as warnings and, given a directory, as JSON lines in one file per rank/worker."""
+
+    def __init__(self, error_log_dir: str | Path | None = None, rank: int = 0, worker: int = 0):
+        self.path = skip_log_path(error_log_dir, rank, worker) if error_log_dir is not None else None
+        self.count = 0
+
+    def record(self, shard: str, key: str | None, reason: str, error: BaseException | str) -> None:
+        """Report one skipped sample (key None when the failure is not tied to one sample)."""
+        entry = {"shard": shard, "key": key, "reason": reason, "error": str(error)}
+        self.count += 1
+        LOGGER.warning("skipped sample: shard=%s key=%s reason=%s error=%s", shard, key, reason, entry["error"])
+        if self.path is not None:
+            self._append(entry)
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        """Open per write so a crash loses at most the current line and no handle stays open in workers."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as out:
+            out.write(json.dumps(entry) + "\n")
+            out.flush()
+
+
+def skip_log_path(error_log_dir: str | Path, rank: int, worker: int) -> Path:
+    """Each worker process owns its file, so concurrent writers never interleave."""
+    return Path(error_log_dir) / f"skipped-rank{rank}-worker{worker}.jsonl"
+
+
+def read_skip_logs(error_log_dir: str | Path) -> list[dict[str, Any]]:
+    """All skip records under a directory (every rank and worker), ignoring torn lines."""
+    records: list[dict[str, Any]] = []
+    for path in sorted(Path(error_log_dir).glob("skipped-rank*-worker*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+def summarize_skips(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts per reason, for a one-line report at the end of a run."""
+    by_reason: dict[str, int] = {}
+    for record in records:
+        reason = str(record.get("reason"))
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    return {"count": len(records), "by_reason": dict(sorted(by_reason.items()))}
+
+
+# --------------------------------------------------------------------------- tar reading
+
+# WebDataset's member naming: the key is the path up to the first dot of the file name, the rest is the
+# member's extension (``dir/a0001.0.png`` is member ``0.png`` of sample ``dir/a0001``).
+_MEMBER_NAME = re.compile(r"^((?:.*/)?[^.]+)\.([^/]*)$")
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # ``__index__`` and the like: archive metadata, not samples
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """(sample key, lower-cased extension) of a tar member, or None for a name without an extension."""
+    match = _MEMBER_NAME.match(name)
+    return (match.group(1), match.group(2).lower()) if match else None
+
+
+def tar_members(url: str) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the regular, non-metadata members, in archive order, streaming through the file."""
+    with tarfile.open(url, mode="r|*") as tar:
+        for info in tar:
+            if not info.isreg() or _META_MEMBER.match(info.name):
+                continue
+            data = tar.extractfile(info).read()
+            tar.members = []  # a streaming TarFile otherwise keeps every header of a large shard
+            yield info.name, data
+
+
+def tar_samples(url: str, failures: list[BaseException]) -> Iterator[dict[str, Any]]:
+    """Consecutive members with one key form a sample: ``{"__key__", "__url__", ext: bytes, ...}``.
+
+    A read error (or a repeated member) is appended to ``failures`` and ends the shard; the sample
+    being assembled at that moment is still yielded, so the caller can name it in the skip log.
+    """
+    current: dict[str, Any] | None = None
+    try:
+        for name, data in tar_members(url):
+            split = split_member_name(name)
+            if split is None:
+                continue
+            key, ext = split
+            if current is None or key != current["__key__"]:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": url}
+            if ext in current:
+                raise ValueError(f"{name}: duplicate member {ext!r} in sample {key!r}")
+            current[ext] = data
+    except Exception as exc:  # tarfile raises ReadError, EOFError, OSError, zlib/lzma errors...
+        failures.append(exc)
+    if current is not None:
+        yield current
+
+
+def read_shard(url: str, skip_log: SkipLog, expected: int | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard; a tar error drops the sample being read and ends the shard, keeping the rest.
+
+    With ``expected`` (from sizes.json), a shard that ends early without an error (a tar cut inside a
+    header looks like a normal end to tarfile) is reported too.
+    """
+    failures: list[BaseException] = []
+    seen = 0
+    unfinished_reported = False
+    for sample in tar_samples(url, failures):
+        seen += 1
+        if failures:
+            skip_log.record(url, sample.get("__key__"), "corrupt_tar", failures[0])
+            unfinished_reported = True
+            continue
+        yield sample
+    if failures and not unfinished_reported:
+        skip_log.record(url, None, "corrupt_tar", failures[0])
+    if expected is not None and seen < expected:
+        skip_log.record(url, None, "corrupt_tar", f"read {seen} of the {expected} samples listed in {SIZES_FILE}")
+
+
+def read_shards(shards: Iterable[dict[str, str]], skip_log: SkipLog) -> Iterator[dict[str, Any]]:
+    """Raw samples of each shard in turn, checked against sizes.json where the shard is listed."""
+    sizes = ShardSizes()
+    for shard in shards:
+        yield from read_shard(shard["url"], skip_log, sizes.listed(shard["url"]))
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class SampleError(Exception):
+    """A sample that cannot be used, with the skip reason the log should show."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+DRAFT_SCALES = (8, 4, 2, 1)  # the reductions libjpeg can apply while decoding (PIL's Image.draft)
+
+
+def draft_scale(width: int, height: int, min_side: int | None) -> int:
+    """The largest JPEG draft reduction (8, 4, 2 or 1) whose image keeps a shorter side >= ``min_side``.
+
+    libjpeg decodes at 1/s scale to ``ceil(width / s) x ceil(height / s)``; an image already too small
+    for ``min_side`` is decoded at full size (draft never upscales, and never shrinks below the need).
+    """
+    if not min_side:
+        return 1
+    short = min(width, height)
+    return next((s for s in DRAFT_SCALES if -(-short // s) >= min_side), 1)
+
+
+def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
+    """Fully decode (so truncated files fail here, not in map_fn) to RGB.
+
+    With ``min_side`` a JPEG is decoded in draft mode, straight to the smallest 1/2, 1/4 or 1/8 scale
+    whose shorter side is still >= ``min_side`` (:func:`draft_scale`): up to 64x fewer pixels to decode
+    and resize. Other formats, and JPEGs too small to reduce, are decoded at full size.
+    """
+    with Image.open(io.BytesIO(data)) as img:
+        if min_side and img.format == "JPEG":
+            scale = draft_scale(img.width, img.height, min_side)
+            if scale > 1:  # PIL picks scale s for a request of (width // s, height // s)
+                img.draft("RGB", (img.width // scale, img.height // scale))
+        return img.convert("RGB")
+
+
+def decode_json(data: bytes) -> dict[str, Any]:
+    meta = json.loads(data)
+    if not isinstance(meta, dict):
+        raise ValueError(f"json member is a {type(meta).__name__}, not an object")
+    return meta
+
+
+def decode_sample(sample: dict[str, Any], decode_size: int | None = None) -> dict[str, Any]:
+    """Images to PIL RGB (JPEGs draft-decoded to shorter side >= ``decode_size``) and json to a dict.
+
+    Raises SampleError with the skip reason.
+    """
+    image_names = [name for name in sample if is_image_member(name)]
+    if not image_names:
+        raise SampleError("missing_image", f"no image member among {sorted(sample)}")
+    if "json" not in sample:
+        raise SampleError("missing_json", f"no json member among {sorted(sample)}")
+    decoded = dict(sample)
+    try:
+        decoded["json"] = decode_json(sample["json"])
+    except ValueError as exc:
+        raise SampleError("bad_json", str(exc)) from exc
+    for name in image_names:
+        try:
+            decoded[name] = decode_image(sample[name], decode_size)
+        except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+            raise SampleError("bad_image", f"{name}: {exc}") from exc
+    return decoded
+
+
+def decode_samples(samples: Iterable[dict[str, Any]], skip_log: SkipLog,
+                   decode_size: int | None = None) -> Iterator[dict[str, Any]]:
+    for sample in samples:
+        try:
+            yield decode_sample(sample, decode_size)
+        except SampleError as exc:
+            skip_log.record(sample.get("__url__", "?"), sample.get("__key__"), exc.reason, exc)
+
+
+def map_samples(samples: Iterable[dict[str, Any]], map_fn: MapFn, skip_log: SkipLog) -> Iterator[Any]:
+    for sample in samples:
+        try:
+            yield map_fn(sample)
+        except Exception as exc:  # any failure of user code only costs this sample
+            skip_log.record(sample.get("__url__", "?"), sample.get("__key__"), "map_error", repr(exc))
+
+
+# --------------------------------------------------------------------------- shard assignment
+
+
+def stable_seed(*parts: object) -> int:
+    """A seed that is the same in every process (unlike hash(), which is salted per process)."""
+    digest = hashlib.sha256(repr(parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def epoch_shard_order(urls: list[str], seed: int, epoch: int) -> list[str]:
+    """The shard order of one epoch; depends only on (seed, epoch), so all ranks agree without talking."""
+    ordered = list(urls)
+    random.Random(stable_seed("shards", seed, epoch)).shuffle(ordered)
+    return ordered
+
+
+def resampled_shards(urls: list[str], count: int, seed: int, epoch: int, rank: int, worker: int) -> list[str]:
+    """Shards drawn with replacement; each rank/worker has its own stream so they do not read in lockstep."""
+    rng = random.Random(stable_seed("resample", seed, epoch, rank, worker))
+    return [rng.choice(urls) for _ in range(count)]
+
+
+def check_enough_shards(num_shards: int, world_size: int, num_workers: int, resample: bool) -> None:
+    """Without resampling every rank/worker needs its own shard; an idle one would hang collectives."""
+    readers = world_size * max(1, num_workers)
+    if not resample and num_shards < readers:
+        raise ValueError(
+            f"{num_shards} shard(s) cannot be split over {world_size} rank(s) x {max(1, num_workers)} worker(s) "
+            f"= {readers} readers; write at least {readers} shards (smaller shard size) or set resample: true"
+        )
+
+
+__all__ = [
+    "SIZES_FILE",
+    "SKIP_REASONS",
+    "SampleError",
+    "ShardSizes",
+    "SkipLog",
+    "check_enough_shards",
+    "count_by_reading",
+    "count_samples",
+    "decode_image",
+    "decode_json",
+    "decode_sample",
+    "decode_samples",
+    "draft_scale",
+    "epoch_shard_order",
+    "expand_urls",
+    "load_sizes",
+    "map_samples",
+    "read_shard",
+    "read_shards",
+    "read_skip_logs",
+    "resampled_shards",
+    "skip_log_path",
+    "split_member_name",
+    "stable_seed",
+    "summarize_skips",
+]
