@@ -1,7 +1,7 @@
 """What a shard sample's members are called: the one place that names image extensions and json fields.
 
 Torch-free and dependency-free, so the training loaders, the converters and the torch-free serving
-runtime (``serving/infer.py``) all read members by the same rules.
+runtime (``serving/items.py``) all read members by the same rules.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ export on fixed inputs (max |diff| <= 1e-4 in fp32; cosine >= 0.999 for the opti
 a failed check raises :class:`ParityError` and the export stops.
 
 Each head describes its own export in its task file (``Task.export_onnx``: graphs plus files and
-metadata, see :mod:`training.export.graph`), and ``serving/infer.py`` has the matching torch-free
+metadata, see :mod:`training.export.graph`), and ``serving/predictors/<task>.py`` has the matching torch-free
 predictor. This is the training side: it imports torch; ``serving/`` reads what it writes.
 """
 from __future__ import annotations

@@ -62,7 +62,7 @@ class Task(nn.Module):
     def export_onnx(self, backbone: Backbone, features: torch.Tensor) -> HeadExport:
         """This head's inference part for ONNX: graphs (with example inputs) plus arrays, documents and
         metadata for the manifest. ``features`` are the image tower's outputs on fixed images, example
-        inputs for graphs that start from them. ``serving/infer.py`` has the matching predictor."""
+        inputs for graphs that start from them. ``serving/predictors/<task>.py`` has the matching predictor."""
         raise NotImplementedError(f"task {self.name!r} defines no ONNX export")
 
     @classmethod
