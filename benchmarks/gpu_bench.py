@@ -104,7 +104,7 @@ def flops_per_sample(model_name: str, device: str, image_size: int) -> float:
     import training  # noqa: F401
     from training.config import ModelConfig
     from training.losses import symmetric_infonce
-    from training.model import create_backbone
+    from training.backbone import create_backbone
 
     backbone = create_backbone(ModelConfig(name=model_name, model_config_dir=str(ROOT / "configs" / "models")))
     model = backbone.model.to(device)
@@ -125,7 +125,7 @@ def image_tower_throughput(model_name: str, device: str, image_size: int, batch:
 
     import training  # noqa: F401
     from training.config import ModelConfig
-    from training.model import create_backbone
+    from training.backbone import create_backbone
 
     visual = create_backbone(ModelConfig(name=model_name, model_config_dir=str(ROOT / "configs" / "models"))
                              ).model.visual.to(device).eval()

@@ -161,7 +161,7 @@ class MulticlipLoaders:
 
     def __init__(self, batch: int):
         from training.config import ModelConfig
-        from training.model import create_backbone
+        from training.backbone import create_backbone
         from training.registry import get_task_class
 
         self.batch = batch

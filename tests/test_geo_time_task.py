@@ -81,7 +81,7 @@ def test_extra_cls_tokens_start_as_copies_of_cls():
     """With no extra tokens the forward is open_clip's own; new tokens start as copies of [CLS] (same
     input, same projection), so at initialisation their outputs equal the [CLS] output of that forward."""
     from training.config import ModelConfig
-    from training.model import create_backbone
+    from training.backbone import create_backbone
     from training.tasks.geo_time import GeoTimeOptions, GeoTimeTask, vit_with_extra_tokens
 
     from conftest import ROOT

@@ -45,7 +45,7 @@ def png_of(jpeg: bytes) -> bytes:
 @pytest.fixture(scope="module")
 def tiny_backbone():
     from training.config import ModelConfig
-    from training.model import create_backbone
+    from training.backbone import create_backbone
 
     return create_backbone(ModelConfig(name="tiny-vit", model_config_dir=str(ROOT / "configs" / "models")))
 

@@ -204,7 +204,7 @@ def test_synthetic_queries_need_the_emotion_and_the_object():
 @pytest.fixture(scope="module")
 def backbone():
     from training.config import ModelConfig
-    from training.model import create_backbone
+    from training.backbone import create_backbone
 
     torch.manual_seed(0)
     return create_backbone(ModelConfig(name="tiny-vit", model_config_dir=str(ROOT / "configs" / "models")))

@@ -6,7 +6,9 @@ import torch
 from safetensors.torch import save_file
 
 from training.config import ModelConfig
-from training.model import MultiTaskModel, create_backbone, param_groups, register_model_configs
+from training.backbone import create_backbone, register_model_configs
+from training.model import MultiTaskModel
+from training.params import param_groups
 
 from conftest import ROOT
 

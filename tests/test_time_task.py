@@ -58,7 +58,7 @@ def test_time_retrieval_per_query_excludes_self():
 
 def test_head_forward_and_loss_on_tiny_backbone():
     from training.config import ModelConfig
-    from training.model import create_backbone
+    from training.backbone import create_backbone
     from training.tasks.time_of_day import TimeTask
 
     from conftest import ROOT

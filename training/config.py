@@ -207,7 +207,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
                 where = ".".join(str(p) for p in e["loc"])
                 problems.append(f"  - tasks.{i}.options.{where}: {e['msg']}")
     try:
-        from training.model import check_model_config
+        from training.backbone import check_model_config
 
         check_model_config(cfg.model)
     except ConfigError as err:

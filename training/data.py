@@ -31,7 +31,7 @@ from shards.samples import count_samples, expand_urls
 from training import accelerator
 from training.config import Config
 from training.distributed import DistInfo
-from training.model import Backbone
+from training.backbone import Backbone
 
 MAX_AUTO_WORKERS = 8  # more workers per rank rarely pay: each holds a shuffle buffer and prefetched batches
 ImageNorm = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel

@@ -7,7 +7,8 @@ from typing import Any
 
 from training.config import config_from_dict
 from training.evaluation import load_weights
-from training.model import Backbone, MultiTaskModel, build_model
+from training.backbone import Backbone
+from training.model import MultiTaskModel, build_model
 
 
 def load_run(run_dir: str | Path) -> tuple[MultiTaskModel, Backbone, dict[str, Any]]:

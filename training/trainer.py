@@ -28,8 +28,9 @@ from training.evaluation import evaluate_model, load_weights
 from training.distributed import DistInfo, barrier, init_distributed
 from training.logging_utils import RunLogger, plot_curves, setup_console_logging
 from training import wise_ft
-from training.model import (build_model, freeze_first_blocks, param_groups, promote_scalar_parameters, register_zero3_external_parameters,
-                            restore_scalar_shapes)
+from training.model import build_model
+from training.params import freeze_first_blocks, param_groups
+from training.zero3 import promote_scalar_parameters, register_zero3_external_parameters, restore_scalar_shapes
 from training.schedule import lr_multiplier
 
 log = logging.getLogger("multiclip.train")

@@ -38,7 +38,8 @@ from torch import nn
 
 from training.config import ConfigError
 from training.export.graph import FIXED_TEXTS, Graph, HeadExport, ImageEncoder, TextEncoder, fixed_images, image_size
-from training.model import Backbone, MultiTaskModel
+from training.backbone import Backbone
+from training.model import MultiTaskModel
 from training.runs import load_run
 
 LOG = logging.getLogger("multiclip.export")
@@ -341,7 +342,7 @@ def export_pretrained(name: str, pretrained: str | None, out: str | Path, fp16: 
     """Export a plain open_clip model (name + pretrained tag or checkpoint file), no training run: the towers
     only, e.g. to extract features with a released model."""
     from training.config import ModelConfig
-    from training.model import create_backbone
+    from training.backbone import create_backbone
 
     backbone = create_backbone(ModelConfig(name=name, pretrained=pretrained, model_config_dir=model_config_dir))
     model = MultiTaskModel(backbone.model, {}, {}).eval()

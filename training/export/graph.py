@@ -16,7 +16,7 @@ from torch import nn
 from training.config import ConfigError
 
 if TYPE_CHECKING:
-    from training.model import Backbone
+    from training.backbone import Backbone
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from training.model import Backbone
+from training.backbone import Backbone
 
 if TYPE_CHECKING:
     from training.export.graph import HeadExport

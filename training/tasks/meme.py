@@ -28,7 +28,7 @@ from training import metrics
 from training.config import ConfigError
 from training.export.graph import FIXED_TEXTS, Graph, HeadExport
 from training.losses import gather_across_ranks, logit_scale, symmetric_infonce, text_id
-from training.model import Backbone
+from training.backbone import Backbone
 from training.registry import register_task
 from training.tasks.base import Task, TaskOptions
 

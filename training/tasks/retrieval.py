@@ -16,7 +16,7 @@ from torch import nn
 from training import metrics
 from training.export.graph import HeadExport
 from training.losses import gather_across_ranks, initial_log_logit_scale, logit_scale, symmetric_infonce, text_id
-from training.model import Backbone
+from training.backbone import Backbone
 from training.registry import register_task
 from training.tasks.base import Task, TaskOptions
 

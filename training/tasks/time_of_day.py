@@ -21,7 +21,7 @@ from torch import nn
 from training import metrics
 from training.export.graph import Graph, HeadExport
 from training.losses import logit_scale
-from training.model import Backbone
+from training.backbone import Backbone
 from training.registry import register_task
 from training.tasks.base import Task, TaskOptions
 
