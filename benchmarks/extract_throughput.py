@@ -1,5 +1,5 @@
 """Feature-extraction throughput: Ray actors on the exported model (onnxruntime int8) and on the torch run,
-1 vs 2 actors each, and a plain single-process torch loop.
+1 vs 2 actors each, and a plain single-process torch loop; and the start-up of one extraction worker.
 
     python benchmarks/extract_throughput.py --model ViT-B-32 --images 384 --rounds 1
 
@@ -9,6 +9,11 @@ torch thread each (0.75 CPU each, 0.5 CPU for the read/preprocess tasks: 2 cores
 loop (shards.reader's eval loader + the model in one process) uses all cores' threads. Runs alternate
 (ray-1, ray-2, plain per round). Reported: images/s over the whole run and after the first embedded
 batch (actor start-up and model loading excluded).
+
+Start-up (issue #16: before = torch-run actors, after = onnxruntime actors): seconds from creating one
+embedding actor (``serving.extract.Embedder`` as a Ray actor, 0.75 CPU, 1 thread) to its first embedded
+batch back in the driver: worker process, imports, model load and one batch of ``--batch-size`` images.
+Measured in the same run, alternating backends, ``--startup-rounds`` times each, before the throughput runs.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import training  # noqa: F401,E402
+from training.extract_torch import KIND  # noqa: E402  (the torch-run backend; imports training first)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def make_run(model: str, out: Path) -> Path:
     """A run folder whose final/ holds a freshly initialised model (throughput does not depend on training)."""
     from training.checkpoint import write_final
-    from training.config import config_from_dict
+    from training.validation import config_from_dict
     from training.model import build_model
 
     raw = {"run": {"output_dir": str(out)}, "model": {"name": model, "model_config_dir": str(ROOT / "configs/models")},
@@ -53,15 +58,48 @@ def ray_run(spec, shards: Path, out: Path, actors: int, batch_size: int) -> dict
             "images_per_s_after_first_batch": round((this["embedded"] - batch_size) / steady, 2)}
 
 
+class StartupProbe:
+    """One embedding actor: builds the backend as the job's actors do, embeds on request."""
+
+    def __init__(self, spec, threads: int):
+        from serving.extract import Embedder
+
+        self.embedder = Embedder(spec, threads)
+
+    def embed(self, batch: dict) -> int:
+        return len(self.embedder(batch)["key"])
+
+
+def startup_seconds(spec, batch_size: int) -> float:
+    """Seconds from creating an embedding actor to its first embedded batch back in the driver."""
+    import numpy as np
+    import ray
+
+    size = spec.preprocess_cfg()["size"]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    n = batch_size
+    batch = {"shard": np.array(["s"] * n, dtype=object), "key": np.array([str(i) for i in range(n)], dtype=object),
+             "valid": np.ones(n, bool), "last": np.zeros(n, bool), "shard_rows": np.zeros(n, np.int64),
+             "skipped": np.array([""] * n, dtype=object), "image": np.zeros((n, 3, *size), np.float32)}
+    batch_ref = ray.put(batch)  # in the object store first: the clock measures the actor, not the upload
+    start = time.perf_counter()
+    actor = ray.remote(num_cpus=0.75)(StartupProbe).remote(spec, 1)
+    assert ray.get(actor.embed.remote(batch_ref)) == n
+    seconds = time.perf_counter() - start
+    ray.kill(actor)
+    return round(seconds, 2)
+
+
 def plain_run(run: Path, shards: Path, batch_size: int) -> dict:
     """Reader + model in this process, no Ray: what one machine does without it."""
     import torch
 
-    from serving.extract import EncoderSpec, eval_transform
+    from serving.extract import EncoderSpec
     from shards.reader import make_eval_loader
     from shards.writer import is_image_member
+    from training.extract_torch import eval_transform
 
-    spec = EncoderSpec("torch-run", str(run))
+    spec = EncoderSpec(KIND, str(run))
     transform = eval_transform(spec.preprocess_cfg())
     torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
@@ -87,6 +125,8 @@ def main() -> int:
     parser.add_argument("--shard-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--startup-rounds", type=int, default=2, help="start-up measurements per backend")
+    parser.add_argument("--startup-only", action="store_true", help="measure the start-up only, no throughput runs")
     parser.add_argument("--out", default="/tmp/extract_throughput.json")
     args = parser.parse_args()
     import ray
@@ -101,8 +141,22 @@ def main() -> int:
     shards = work / "shards" / "train"
     run = make_run(args.model, work / "run")
     export_run(run, work / "onnx", int8=True)
-    torch_spec, onnx_spec = EncoderSpec("torch-run", str(run)), EncoderSpec("onnx", str(work / "onnx"), int8=True)
+    torch_spec, onnx_spec = EncoderSpec(KIND, str(run)), EncoderSpec("onnx", str(work / "onnx"), int8=True)
+    onnx_fp32_spec = EncoderSpec("onnx", str(work / "onnx"))
     init_ray(num_cpus=2)
+    startup: dict[str, list] = {"torch_run": [], "onnx_fp32": [], "onnx_int8": []}
+    for _ in range(args.startup_rounds):
+        for name, spec in (("torch_run", torch_spec), ("onnx_fp32", onnx_fp32_spec), ("onnx_int8", onnx_spec)):
+            startup[name].append(startup_seconds(spec, args.batch_size))
+    print(json.dumps({"startup_seconds": startup}), flush=True)
+    if args.startup_only:
+        ray.shutdown()
+        summary = {"model": args.model, "batch_size": args.batch_size, "startup_seconds_to_first_batch": startup,
+                   "startup_torch_run_vs_onnx_int8": round(min(startup["torch_run"]) / min(startup["onnx_int8"]), 2),
+                   "load_average_at_end": os.getloadavg()}
+        Path(args.out).write_text(json.dumps(summary, indent=1))
+        print(json.dumps(summary, indent=1))
+        return 0
     results: dict[str, list] = {"ray_1_actor": [], "ray_2_actors": [], "onnx_int8_1_actor": [],
                                 "onnx_int8_2_actors": [], "plain_loop": []}
     for round_ in range(args.rounds):
@@ -116,6 +170,8 @@ def main() -> int:
     one, two = results["ray_1_actor"][-1], results["ray_2_actors"][-1]
     q1, q2, plain = results["onnx_int8_1_actor"][-1], results["onnx_int8_2_actors"][-1], results["plain_loop"][-1]
     summary = {"model": args.model, "images": args.images, "results": results,
+               "startup_seconds_to_first_batch": startup,
+               "startup_torch_run_vs_onnx_int8": round(min(startup["torch_run"]) / min(startup["onnx_int8"]), 2),
                "speedup_2_vs_1_actor": round(two["images_per_s_after_first_batch"]
                                              / one["images_per_s_after_first_batch"], 2),
                "onnx_int8_speedup_2_vs_1_actor": round(q2["images_per_s_after_first_batch"]

@@ -173,7 +173,7 @@ class MulticlipLoaders:
     def measure(self, shard_dir: str, batches: int, **data) -> dict:
         import torch
 
-        from training.config import config_from_dict
+        from training.validation import config_from_dict
         from training.data import train_loader
         from training.distributed import DistInfo
 

@@ -1,14 +1,17 @@
-"""Knowledge-search throughput: exact search on Ray vs faiss-cpu IndexFlatIP, and an approximate index.
+"""Knowledge-search throughput: exact search (torch-free) on Ray vs faiss-cpu IndexFlatIP, and an approximate index.
 
-    python benchmarks/search_throughput.py --corpus 120000 --queries 10000 --dim 512 --k 10
+    python benchmarks/search_throughput.py --corpus 120000 --queries 10000 --dim 512 --k 4
 
-Corpus and queries are clustered synthetic unit vectors (like real embeddings: an IVF index on
-uniform random vectors says nothing). Measured in alternation, one run each: exact search through
-the Ray job's actor pool (2 actors x 1 thread, corpus in the object store; start-up included), the
-same exact kernel in one process (2 threads; int8 candidates, fp32 rescoring, certified per query,
-the int8 corpus prepared inside the timed call), faiss IndexFlatIP (2 threads), then an IVF index
-(build time, queries/s, recall@k against exact), and how many queries each pass settled; then exact vs
-faiss flat again on uniform random unit vectors, the hard case for int8 candidates (corpus prepared once).
+k defaults to the geo_time task's ``knowledge_top_k`` (4, also launch/search.py's default). Corpus and
+queries are clustered synthetic unit vectors (like real embeddings: an IVF index on uniform random
+vectors says nothing). Measured in alternation, one run each, ratios side by side: exact search through
+the Ray job's actor pool (2 actors x 1 thread, corpus in the object store; start-up included), then in
+one process with 2 threads for every contender (faiss's OpenMP, onnxruntime's intra-op threads, numpy's
+BLAS): faiss IndexFlatIP; our exact kernel (int8 products by onnxruntime MatMulInteger, an error bound,
+fp32 rescoring; the int8 corpus prepared inside the timed call); the plain numpy kernel (fp32 BLAS
+product + ``np.argpartition`` per block); then an IVF index (build time, queries/s, recall@k against
+exact); then exact vs faiss flat again on uniform random unit vectors, the hard case for int8 (corpus
+prepared once).
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import numpy as np  # noqa: E402
+
+THREADS = 2  # every in-process contender: faiss's OpenMP, onnxruntime's intra-op threads, numpy's BLAS
 
 
 def clustered(n: int, dim: int, centers: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -73,11 +78,11 @@ def uniform_case(args, rng: np.random.Generator) -> dict:
     flat = faiss.IndexFlatIP(args.dim)
     flat.add(corpus)
     (_, flat_ids), faiss_s = timed(lambda: flat.search(queries, args.k))
-    prepared = QuantizedCorpus(corpus)
+    prepared = QuantizedCorpus(corpus, threads=THREADS)
     (_, ids), exact_s = timed(lambda: exact_topk(queries, prepared, args.k))
     return {"faiss_flat_qps": round(args.queries / faiss_s, 1), "exact_in_process_qps": round(args.queries / exact_s, 1),
             "exact_vs_faiss_flat": round(faiss_s / exact_s, 2), "ids_equal_faiss": float((ids == flat_ids).mean()),
-            "queries_settled_by": prepared.last_stats}
+            "rows_rescored_per_query": round(prepared.last_stats["rescored"] / args.queries, 1)}
 
 
 def main() -> int:
@@ -85,44 +90,49 @@ def main() -> int:
     parser.add_argument("--corpus", type=int, default=120_000)
     parser.add_argument("--queries", type=int, default=10_000)
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--k", type=int, default=4, help="texts per query (geo_time's knowledge_top_k)")
     parser.add_argument("--nlist", type=int, default=1024)
     parser.add_argument("--nprobe", type=int, default=16)
     parser.add_argument("--out", default="/tmp/search_throughput.json")
     args = parser.parse_args()
     import faiss
     import ray
-    import torch
+    from threadpoolctl import threadpool_limits
 
     from serving.extract import init_ray
-    from serving.search import IndexOptions, QuantizedCorpus, build_index, exact_topk, index_search, recall_at_k
+    from serving.search import IndexOptions, QuantizedCorpus, build_index, exact_topk, fp32_topk, index_search, recall_at_k
 
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((2000, args.dim), dtype=np.float32) / np.sqrt(args.dim)
     corpus, queries = clustered(args.corpus, args.dim, centers, rng), clustered(args.queries, args.dim, centers, rng)
     init_ray(num_cpus=2)
-    out: dict = {"corpus": args.corpus, "queries": args.queries, "dim": args.dim, "k": args.k}
+    out: dict = {"corpus": args.corpus, "queries": args.queries, "dim": args.dim, "k": args.k, "threads": THREADS,
+                 "load_average_at_start": os.getloadavg()}
 
     ray_ids, seconds, steady = ray_exact(corpus, queries, args.k)
     out["ray_exact_qps"] = round(args.queries / seconds, 1)
     out["ray_exact_qps_after_first_block"] = round(steady, 1)
     ray.shutdown()
-    faiss.omp_set_num_threads(2)
+    faiss.omp_set_num_threads(THREADS)
     flat = faiss.IndexFlatIP(args.dim)
     flat.add(corpus)
     (_, flat_ids), seconds = timed(lambda: flat.search(queries, args.k))
     out["faiss_flat_qps"] = round(args.queries / seconds, 1)
-    torch.set_num_threads(2)
-    (_, exact_ids), seconds = timed(lambda: exact_topk(queries, corpus, args.k))
+    (_, exact_ids), seconds = timed(lambda: exact_topk(queries, corpus, args.k, threads=THREADS))
     out["exact_in_process_qps"] = round(args.queries / seconds, 1)
-    prepared = QuantizedCorpus(corpus)
+    with threadpool_limits(THREADS):
+        (_, fp32_ids), seconds = timed(lambda: fp32_topk(queries, corpus, args.k))
+    out["numpy_fp32_in_process_qps"] = round(args.queries / seconds, 1)
+    prepared = QuantizedCorpus(corpus, threads=THREADS)
     exact_topk(queries, prepared, args.k)
-    out["exact_queries_settled_by"] = prepared.last_stats
+    out["exact_rows_rescored_per_query"] = round(prepared.last_stats["rescored"] / args.queries, 1)
     out["uniform"] = uniform_case(args, rng)
     out["ray_exact_vs_faiss_flat"] = round(out["ray_exact_qps"] / out["faiss_flat_qps"], 2)
     out["ray_exact_after_start_vs_faiss_flat"] = round(steady / out["faiss_flat_qps"], 2)
     out["exact_in_process_vs_faiss_flat"] = round(out["exact_in_process_qps"] / out["faiss_flat_qps"], 2)
+    out["numpy_fp32_in_process_vs_faiss_flat"] = round(out["numpy_fp32_in_process_qps"] / out["faiss_flat_qps"], 2)
     out["ray_ids_equal_exact"] = float((ray_ids == exact_ids).mean())
+    out["numpy_fp32_ids_equal_exact"] = float((fp32_ids == exact_ids).mean())
     out["faiss_flat_recall"] = recall_at_k(flat_ids, exact_ids)
 
     ivf_options = IndexOptions(kind="ivf", nlist=args.nlist, nprobe=args.nprobe)

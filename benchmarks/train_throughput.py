@@ -118,7 +118,7 @@ def loader_rate(config: dict, workers: int, batches: int) -> float:
     import torch
 
     import training  # noqa: F401
-    from training.config import config_from_dict
+    from training.validation import config_from_dict
     from training.data import train_loader
     from training.distributed import DistInfo
     from training.model import build_model

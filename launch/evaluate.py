@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 import training  # noqa: F401  (must come before open_clip: torchvision compatibility)
-from training.config import ConfigError, load_config
+from training.config import ConfigError
+from training.validation import load_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,10 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     if (args.int8 or args.gpu) and not args.model:
         print("error: --int8 and --gpu apply to --model (an export folder)", file=sys.stderr)
         return 2
-    if args.run:
-        import training  # noqa: F401  (torch actors: torchvision compatibility before open_clip)
-    encoder = (EncoderSpec("onnx", args.model, int8=args.int8, gpu=args.gpu) if args.model
-               else EncoderSpec("torch-run", args.run))
+    if args.model:
+        encoder = EncoderSpec("onnx", args.model, int8=args.int8, gpu=args.gpu)
+    else:
+        from training.extract_torch import KIND  # registers the torch-run backend: torch only on this path
+
+        encoder = EncoderSpec(KIND, args.run)
     try:
         encoder.check()
     except (FileNotFoundError, ValueError) as err:

@@ -1,12 +1,15 @@
 """Top-k knowledge texts for every query embedding of an extraction, on Ray.
 
-    python launch/search.py --run runs/geo_time_tiny --queries feats/geo_val \
+    python launch/search.py --model exports/geo_time --queries feats/geo_val \
         --corpus data/synth/geo_time/knowledge.txt --out search/geo_val --k 4 \
         --columns geo_time_location_cls geo_time_time_cls
     python launch/search.py ... --index ivf --nprobe 16          # or flat / hnsw (faiss); default: exact
 
-Writes ``<out>/results/*.parquet`` (key, <column>_ids, <column>_scores), ``<out>/corpus_embeddings.npy``
-and ``<out>/manifest.json`` (corpus hash, encoder, k, index and its recall@k against exact search).
+The corpus is embedded by the export's text tower (onnxruntime actors, no torch): pass the export folder
+the extraction used (``launch/extract.py --model``; ``--int8`` for its int8 towers). Writes
+``<out>/results/*.parquet`` (key, <column>_ids, <column>_scores), ``<out>/corpus_embeddings.npy`` (reused by
+a rerun with the same corpus and text tower) and ``<out>/manifest.json`` (corpus hash, encoder, k, index and
+its recall@k against exact search).
 """
 from __future__ import annotations
 
@@ -18,14 +21,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import training  # noqa: F401,E402  (must come before open_clip: torchvision compatibility)
 from serving.extract import EncoderSpec, init_ray  # noqa: E402
 from serving.search import INDEX_KINDS, IndexOptions, SearchOptions, search_extraction  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="training run folder whose text tower embeds the corpus")
+    parser.add_argument("--model", required=True, help="export folder (launch/export.py) whose text tower embeds the corpus")
+    parser.add_argument("--int8", action="store_true", help="the export's int8 text tower (exported with --int8)")
     parser.add_argument("--queries", required=True, help="output folder of launch/extract.py")
     parser.add_argument("--columns", nargs="+", default=["image_embedding"], help="query columns of the extraction")
     parser.add_argument("--corpus", required=True, help="one text per line, CSV or JSONL")
@@ -38,15 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--num-cpus", type=int)
     parser.add_argument("--actors", type=int)
-    parser.add_argument("--threads", type=int, default=1, help="torch / faiss threads per actor")
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime / faiss threads per actor")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("multiclip").setLevel(logging.INFO)
+    encoder = EncoderSpec("onnx", args.model, int8=args.int8)
+    try:
+        encoder.check()
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     init_ray(args.address, args.num_cpus)
     options = SearchOptions(k=args.k, actors=args.actors, threads=args.threads,
                             index=IndexOptions(kind=args.index, nprobe=args.nprobe, ef_search=args.ef_search))
     try:
-        manifest = search_extraction(args.queries, args.corpus, args.out, EncoderSpec("torch-run", args.run),
+        manifest = search_extraction(args.queries, args.corpus, args.out, encoder,
                                      args.columns, options, args.text_column)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

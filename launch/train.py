@@ -14,7 +14,8 @@ import json
 import sys
 
 import training  # noqa: F401  (must come before open_clip: torchvision compatibility)
-from training.config import ConfigError, load_config
+from training.config import ConfigError
+from training.validation import load_config
 from training.data import check_shards
 
 

@@ -1,22 +1,24 @@
-"""Feature extraction with Ray: shards -> image (and geo_time [CLS]) embeddings as Parquet.
+"""Feature extraction with Ray: shards -> embeddings as Parquet, one column per output of the model.
 
 The pipeline is Ray Data end to end:
 
-1. one Ray task per shard reads it with our fault-tolerant reader (``shards.reader``), decodes and
-   preprocesses every sample; bad records (corrupt tar, image or json) are counted and named;
+1. one Ray task per shard reads it with the fault-tolerant, torch-free reader (``shards.samples``),
+   decodes and preprocesses every sample; bad records (corrupt tar, image or json) are counted and named;
 2. a pool of actors (``map_batches`` with a callable class and ``ActorPoolStrategy``) embeds the
-   batches; each actor builds its :class:`EncoderBackend` once: an export folder (``launch/export.py``)
-   through serving's onnxruntime runtime (``onnx``: fp32 or int8 on CPU, CUDA with ``actor_gpus``; the
-   actor imports no torch, and images are preprocessed by the NumPy twin of open_clip's transform), or the
-   torch weights of a run's ``final/`` (``torch-run``);
+   batches; each actor builds its :class:`EncoderBackend` once. Here: an export folder
+   (``launch/export.py``) through serving's onnxruntime runtime (``onnx``: fp32 or int8 on CPU, CUDA with
+   ``actor_gpus``; images are preprocessed by the NumPy twin of open_clip's transform); its columns are
+   the image embedding and what the export's heads declare under ``extraction``. Other backends register
+   themselves in ``BACKENDS`` (``training.extract_torch``: a training run's torch weights);
 3. the driver groups the embedded rows by shard and writes ``parts/<shard>.parquet`` plus a
    ``parts/<shard>.done.json`` marker as soon as a shard is complete, so a rerun skips finished shards.
 
-Heavy imports (torch, open_clip, ray) happen inside functions: importing this module stays cheap.
+This module imports no torch; ray, pyarrow and onnxruntime are imported inside functions.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -38,7 +40,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class EncoderBackend(Protocol):
-    """What an embedding actor needs from a model; swap it for another runtime (ONNX) without touching Ray code."""
+    """What an embedding actor needs from a model; a class in ``BACKENDS`` builds one per actor.
+
+    Besides the instance methods below, a backend class answers for a spec before any actor exists
+    (static methods taking the :class:`EncoderSpec`): ``check``, ``describe``, ``preprocess_cfg``, and
+    ``image_transform(cfg)`` (PIL image -> float32 [3, H, W]) for the read tasks; and
+    ``from_spec(spec, threads)`` builds the backend in the actor.
+    """
 
     def output_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-sample shape of every output column, e.g. ``{"image_embedding": (512,)}``."""
@@ -46,24 +54,46 @@ class EncoderBackend(Protocol):
     def encode(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Preprocessed images [B, 3, H, W] float32 -> {column: [B, *shape] float32}, normalised."""
 
-    def encode_text(self, texts: list[str]) -> np.ndarray:
-        """Texts -> normalised text embeddings [N, D] float32 (knowledge corpora)."""
-
-    def text_fingerprint(self) -> str:
-        """A hash of the text tower (what geo_time's corpus cache is keyed by)."""
-
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """A picklable description of the encoder; each actor calls :meth:`build` once."""
+    """A picklable description of the encoder; each actor builds it once (:meth:`build`).
 
-    kind: str  # "onnx": an export folder (launch/export.py); "torch-run": a training run's final/ weights
-    path: str  # the export folder, or the run folder (or its final/ folder)
+    ``kind`` names a backend of ``BACKENDS``: ``onnx`` (an export folder of launch/export.py, here) or a
+    backend another module registers (``torch-run``: a training run's final/ weights, registered by
+    ``training.extract_torch``). A pickled spec names the module that registered its backend, so Ray
+    workers import it before they build the backend.
+    """
+
+    kind: str  # a key of BACKENDS: "onnx" (an export folder) or one registered by another module
+    path: str  # the export folder (or what the registered backend reads, e.g. a run folder)
     int8: bool = False  # onnx: the int8 towers (exported with --int8), the fast path on CPUs
     gpu: bool = False  # onnx: ask onnxruntime for CUDA (each actor then reserves a GPU: ExtractOptions.actor_gpus)
 
+    def backend(self) -> type:
+        if self.kind not in BACKENDS:
+            raise ValueError(f"unknown encoder backend {self.kind!r}; known: {sorted(BACKENDS)} (a backend defined "
+                             "outside serving/ is known once its module is imported)")
+        return BACKENDS[self.kind]
+
+    def check(self) -> None:
+        """Fail before any work when the model files are not there."""
+        self.backend().check(self)
+
+    def build(self, threads: int = 1) -> EncoderBackend:
+        return self.backend().from_spec(self, threads)
+
+    def describe(self) -> dict[str, Any]:
+        """Identity of the model for the manifest: a rerun with other weights must not mix outputs."""
+        return self.backend().describe(self)
+
+    def preprocess_cfg(self) -> dict[str, Any]:
+        return self.backend().preprocess_cfg(self)
+
     def export_manifest(self) -> dict[str, Any]:
         manifest = Path(self.path) / "manifest.json"
+        if self.kind != "onnx":
+            raise ValueError(f"{self.path}: a {self.kind!r} encoder, not an export folder (launch/export.py)")
         if not manifest.is_file():
             raise FileNotFoundError(f"{self.path}: no manifest.json (an export folder of launch/export.py)")
         data = json.loads(manifest.read_text())
@@ -71,46 +101,32 @@ class EncoderSpec:
             raise ValueError(f"{self.path}: exported without --int8 (no image_encoder.int8.onnx)")
         return data
 
-    def check(self) -> None:
-        """Fail before any work when the model files are not there."""
-        self.export_manifest() if self.kind == "onnx" else self.final_dir()
+    def runtime_options(self, threads: int = 1):
+        """onnxruntime options of this export's sessions in one actor."""
+        from serving.runtime import RuntimeOptions
 
-    def final_dir(self) -> Path:
-        path = Path(self.path)
-        final = path / "final" if (path / "final").is_dir() else path
-        if not (final / "model.safetensors").is_file() or not (final / "config.json").is_file():
-            raise FileNotFoundError(f"{self.path}: no final/model.safetensors + final/config.json (a finished run)")
-        return final
+        return RuntimeOptions(providers=("cuda", "cpu") if self.gpu else ("cpu",), int8=self.int8,
+                              intra_op_threads=threads)
 
-    def build(self) -> EncoderBackend:
-        if self.kind not in BACKENDS:
-            raise ValueError(f"unknown encoder backend {self.kind!r}; known: {sorted(BACKENDS)}")
-        if self.kind == "onnx":
-            return OnnxExportEncoder(Path(self.path), int8=self.int8, gpu=self.gpu)
-        return BACKENDS[self.kind](self.final_dir())
+    def text_fingerprint(self) -> str:
+        """A hash of the exported text tower: the text graph file it runs (int8 where asked and exported) and
+        the tokenizer's vocabulary, from the sha256 the export manifest records; what corpus embeddings are
+        keyed by."""
+        manifest = self.export_manifest()
+        graph = manifest["graphs"]["text_encoder"]
+        graph = graph["int8"] if self.int8 and "int8" in graph else graph
+        files = {"text_graph": [graph["file"], graph["sha256"]], "tokenizer": manifest["tokenizer"].get("bpe_sha256")}
+        return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
 
-    def describe(self) -> dict[str, Any]:
-        """Identity of the model for the manifest: a rerun with other weights must not mix outputs."""
-        if self.kind == "onnx":
-            manifest = self.export_manifest()
-            names = ["image_encoder", *(e["graph"] for e in extraction_graphs(manifest))]
-            graphs = [manifest["graphs"][g] for g in names]
-            files = [g["int8"]["sha256"] if self.int8 and "int8" in g else g["sha256"] for g in graphs]
-            return {"backend": f"onnx{'-int8' if self.int8 else ''}", "export": str(Path(self.path).resolve()),
-                    "model": manifest["model_name"], "tasks": list(manifest["tasks"]),
-                    "config_sha256": hashlib.sha256(json.dumps(manifest["preprocess"], sort_keys=True).encode()).hexdigest(),
-                    "weights_sha256": hashlib.sha256("".join(files).encode()).hexdigest()}
-        final = self.final_dir()
-        config = json.loads((final / "config.json").read_text())
-        return {"backend": self.kind, "run": str(Path(self.path).resolve()), "model": config["model"]["name"],
-                "tasks": [t["name"] for t in config["tasks"]],
-                "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
-                "weights_sha256": file_sha256(final / "model.safetensors")}
+    def __reduce__(self):
+        module = BACKENDS[self.kind].__module__ if self.kind in BACKENDS else None
+        return _unpickle_spec, (module, self.kind, self.path, self.int8, self.gpu)
 
-    def preprocess_cfg(self) -> dict[str, Any]:
-        if self.kind == "onnx":  # the export's own preprocessing, run by its NumPy twin
-            return {**self.export_manifest()["preprocess"], "numpy_twin": True}
-        return run_preprocess_cfg(json.loads((self.final_dir() / "config.json").read_text()))
+
+def _unpickle_spec(module: str | None, *fields: Any) -> EncoderSpec:
+    if module:
+        importlib.import_module(module)  # registers the backend in this process (a Ray worker)
+    return EncoderSpec(*fields)
 
 
 def file_sha256(path: Path) -> str:
@@ -121,104 +137,50 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def encoder_only_config(raw: dict[str, Any]) -> dict[str, Any]:
-    """The run's config without what only training needs (pretrained files, corpora, label files).
-
-    The final weights are loaded over the model afterwards, so nothing is downloaded or read twice.
-    """
-    raw = json.loads(json.dumps(raw))
-    raw["model"] = {**raw["model"], "pretrained": None, "init_weights": None}
-    model_dir = Path(raw["model"].get("model_config_dir", "configs/models"))
-    if not model_dir.is_dir() and (ROOT / model_dir).is_dir():
-        raw["model"]["model_config_dir"] = str(ROOT / model_dir)
-    for task in raw["tasks"]:
-        if task["name"] == "geo_time":
-            task["options"] = {**task.get("options", {}), "knowledge_corpus": None, "labels_file": None,
-                               "stage": "quantity"}
-    return raw
-
-
-def run_preprocess_cfg(raw: dict[str, Any]) -> dict[str, Any]:
-    """open_clip's evaluation preprocessing for the run's model (and its pretrained tag's mean/std)."""
-    import training  # noqa: F401  (torchvision compatibility before open_clip)
-    import open_clip
-
-    from training.model import register_model_configs
-
-    model_cfg = encoder_only_config(raw)["model"]
-    register_model_configs(model_cfg["model_config_dir"])
-    bare = open_clip.create_model(model_cfg["name"], pretrained=None)
-    cfg = dict(open_clip.get_model_preprocess_cfg(bare))
-    tag = raw["model"].get("pretrained")
-    if tag and "/" not in tag and not tag.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        pretrained = open_clip.get_pretrained_cfg(model_cfg["name"], tag)
-        cfg.update({k: pretrained[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in pretrained})
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
-
-
-class TorchRunEncoder:
-    """The torch weights of a run: the backbone's image embedding, plus the geo_time head's outputs."""
-
-    def __init__(self, final_dir: Path):
-        import training  # noqa: F401
-        import torch
-
-        from training.config import config_from_dict
-        from training.evaluation import load_weights
-        from training.model import build_model
-
-        raw = encoder_only_config(json.loads((final_dir / "config.json").read_text()))
-        self.model, self.backbone = build_model(config_from_dict(raw, source=str(final_dir / "config.json")))
-        load_weights(self.model, final_dir / "model.safetensors")
-        self.model.eval()
-        self._torch = torch
-        size = run_preprocess_cfg(raw)["size"]
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        self._shapes = {k: v.shape[1:] for k, v in self.encode(np.zeros((1, 3, *size), np.float32)).items()}
-
-    def output_shapes(self) -> dict[str, tuple[int, ...]]:
-        return dict(self._shapes)
-
-    def encode(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        torch = self._torch
-        with torch.no_grad():
-            x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-            backbone = self.model.backbone
-            out = {"image_embedding": torch.nn.functional.normalize(backbone.encode_image(x), dim=-1)}
-            if "geo_time" in self.model.heads:
-                image, tokens = self.model.heads["geo_time"].encode(backbone, x)
-                out["geo_time_image"] = image
-                out.update({f"geo_time_{q}_cls": t for q, t in tokens.items()})
-        return {k: v.float().numpy() for k, v in out.items()}
-
-    def encode_text(self, texts: list[str]) -> np.ndarray:
-        from training.knowledge import embed_texts
-
-        return embed_texts(self.model.backbone, self.backbone.tokenizer, list(texts)).float().numpy()
-
-    def text_fingerprint(self) -> str:
-        from training.knowledge import tower_fingerprint
-
-        return tower_fingerprint(self.model.backbone)
-
-
 class OnnxExportEncoder:
     """An export folder through serving's onnxruntime runtime: the same engine as ``launch/infer.py``.
 
     Columns: the normalised image embedding, plus what each exported head declares under ``extraction``
-    in its manifest entry (a graph from pixels and its outputs' column names; geo_time: its image
-    embedding and [CLS] tokens, as :class:`TorchRunEncoder` writes them). Imports no torch.
+    in its manifest entry (a graph from pixels and its outputs' column names). Imports no torch.
     """
 
     def __init__(self, export_dir: Path, int8: bool = False, gpu: bool = False, threads: int = 1):
         from serving.infer import ExportedModel, normalize
-        from serving.runtime import RuntimeOptions
 
-        providers = ("cuda", "cpu") if gpu else ("cpu",)
-        self.model = ExportedModel(export_dir, RuntimeOptions(providers=providers, int8=int8, intra_op_threads=threads))
+        spec = EncoderSpec("onnx", str(export_dir), int8=int8, gpu=gpu)
+        self.model = ExportedModel(export_dir, spec.runtime_options(threads))
         self._normalize = normalize
         size = int(self.model.manifest["preprocess"]["size"])
         self._shapes = {k: v.shape[1:] for k, v in self.encode(np.zeros((1, 3, size, size), np.float32)).items()}
+
+    @classmethod
+    def from_spec(cls, spec: EncoderSpec, threads: int = 1) -> "OnnxExportEncoder":
+        return cls(Path(spec.path), int8=spec.int8, gpu=spec.gpu, threads=threads)
+
+    @staticmethod
+    def check(spec: EncoderSpec) -> None:
+        spec.export_manifest()
+
+    @staticmethod
+    def describe(spec: EncoderSpec) -> dict[str, Any]:
+        manifest = spec.export_manifest()
+        names = ["image_encoder", *(e["graph"] for e in extraction_graphs(manifest))]
+        graphs = [manifest["graphs"][g] for g in names]
+        files = [g["int8"]["sha256"] if spec.int8 and "int8" in g else g["sha256"] for g in graphs]
+        return {"backend": f"onnx{'-int8' if spec.int8 else ''}", "export": str(Path(spec.path).resolve()),
+                "model": manifest["model_name"], "tasks": list(manifest["tasks"]),
+                "config_sha256": hashlib.sha256(json.dumps(manifest["preprocess"], sort_keys=True).encode()).hexdigest(),
+                "weights_sha256": hashlib.sha256("".join(files).encode()).hexdigest()}
+
+    @staticmethod
+    def preprocess_cfg(spec: EncoderSpec) -> dict[str, Any]:
+        return {**spec.export_manifest()["preprocess"], "numpy_twin": True}  # run by its NumPy twin
+
+    @staticmethod
+    def image_transform(cfg: dict[str, Any]) -> Callable[[Any], np.ndarray]:
+        from serving.preprocess import Preprocess
+
+        return Preprocess.from_dict(cfg)
 
     def output_shapes(self) -> dict[str, tuple[int, ...]]:
         return dict(self._shapes)
@@ -234,16 +196,20 @@ class OnnxExportEncoder:
     def encode_text(self, texts: list[str]) -> np.ndarray:
         return self.model.text_embeddings(list(texts))
 
-    def text_fingerprint(self) -> str:
-        return self.model.manifest["graphs"]["text_encoder"]["sha256"]
-
 
 def extraction_graphs(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """The ``extraction`` entries the export's heads declare ({graph, columns}), in task order."""
     return [meta["extraction"] for meta in manifest["tasks"].values() if "extraction" in meta]
 
 
-BACKENDS: dict[str, type] = {"torch-run": TorchRunEncoder, "onnx": OnnxExportEncoder}
+BACKENDS: dict[str, type] = {"onnx": OnnxExportEncoder}  # training.extract_torch adds "torch-run"
+
+
+def register_backend(kind: str, backend: type) -> None:
+    """Add an encoder backend (a class with the methods :class:`EncoderBackend` describes)."""
+    if BACKENDS.get(kind, backend) is not backend:
+        raise ValueError(f"encoder backend {kind!r} is already registered ({BACKENDS[kind].__module__})")
+    BACKENDS[kind] = backend
 
 
 # --------------------------------------------------------------------------- stage 1: read + preprocess (Ray tasks)
@@ -262,47 +228,20 @@ class ListSkipLog:
         LOGGER.warning("skipped sample: shard=%s key=%s reason=%s error=%s", shard, key, reason, str(error)[:300])
 
 
-_TRANSFORMS: dict[str, Any] = {}
-
-
-def eval_transform(cfg: dict[str, Any]):
-    """open_clip's evaluation transform, built once per worker process."""
-    key = json.dumps(cfg, sort_keys=True)
-    if key not in _TRANSFORMS:
-        import training  # noqa: F401
-        import open_clip
-
-        _TRANSFORMS[key] = open_clip.image_transform(
-            tuple(cfg["size"]), is_train=False, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-            resize_mode=cfg["resize_mode"], interpolation=cfg["interpolation"], fill_color=cfg.get("fill_color", 0))
-    return _TRANSFORMS[key]
-
-
-def image_to_array(cfg: dict[str, Any]) -> Callable[[Any], np.ndarray]:
-    """PIL image -> float32 [3, H, W]: an export's NumPy twin (no torch), else open_clip's transform."""
-    if cfg.get("numpy_twin"):
-        from serving.preprocess import Preprocess
-
-        return Preprocess.from_dict(cfg)
-    transform = eval_transform(cfg)
-    return lambda image: transform(image).numpy()
-
-
-def shard_samples(url: str, preprocess_cfg: dict[str, Any], skips: ListSkipLog) -> Iterator[tuple[str, np.ndarray]]:
+def shard_samples(url: str, transform: Callable[[Any], np.ndarray], skips: ListSkipLog) -> Iterator[tuple[str, np.ndarray]]:
     """(key, preprocessed image) of every usable sample of one shard, in shard order."""
-    from shards.reader import ShardSizes, decode_samples, read_shard
-    from shards.writer import is_image_member
+    from shards.members import is_written_image_member
+    from shards.samples import ShardSizes, decode_samples, read_shard
 
-    transform = image_to_array(preprocess_cfg)
     for sample in decode_samples(read_shard(url, skips, ShardSizes().listed(url)), skips):
-        name = next(n for n in sample if is_image_member(n))
+        name = next(n for n in sample if is_written_image_member(n))
         try:
             yield sample["__key__"], transform(sample[name])
         except Exception as exc:  # a transform failure only costs this sample
             skips.record(url, sample["__key__"], "bad_image", exc)
 
 
-def preprocess_shards(batch: dict[str, np.ndarray], preprocess_cfg: dict[str, Any],
+def preprocess_shards(batch: dict[str, np.ndarray], preprocess_cfg: dict[str, Any], encoder: EncoderSpec,
                       rows_per_batch: int = 256) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data UDF: shard urls in, batches of preprocessed rows out.
 
@@ -311,10 +250,11 @@ def preprocess_shards(batch: dict[str, np.ndarray], preprocess_cfg: dict[str, An
     """
     size = preprocess_cfg["size"]
     size = (size, size) if isinstance(size, int) else tuple(size)
+    transform = encoder.backend().image_transform(preprocess_cfg)
     for url in batch["shard"]:
         skips = ListSkipLog()
         keys, images = [], []
-        for key, image in shard_samples(str(url), preprocess_cfg, skips):
+        for key, image in shard_samples(str(url), transform, skips):
             keys.append(key)
             images.append(image)
             if len(keys) == rows_per_batch + 1:  # hold one row back: it may be the shard's last
@@ -351,8 +291,9 @@ def count_rows_then_tag(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[di
         yield batch
 
 
-def preprocess_udf(batch: dict[str, np.ndarray], preprocess_cfg: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
-    return count_rows_then_tag(preprocess_shards(batch, preprocess_cfg))
+def preprocess_udf(batch: dict[str, np.ndarray], preprocess_cfg: dict[str, Any],
+                   encoder: EncoderSpec) -> Iterator[dict[str, np.ndarray]]:
+    return count_rows_then_tag(preprocess_shards(batch, preprocess_cfg, encoder))
 
 
 # --------------------------------------------------------------------------- stage 2: embed (actor pool)
@@ -363,14 +304,7 @@ class Embedder:
 
     def __init__(self, encoder: EncoderSpec, threads: int = 1):
         # one thread per actor: one actor per core scales, oversubscribed threads do not
-        if encoder.kind == "onnx":
-            self.backend = OnnxExportEncoder(Path(encoder.path), int8=encoder.int8, gpu=encoder.gpu, threads=threads)
-        else:
-            import training  # noqa: F401
-            import torch
-
-            torch.set_num_threads(threads)
-            self.backend = encoder.build()
+        self.backend = encoder.build(threads)
         self.shapes = self.backend.output_shapes()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -483,7 +417,7 @@ class ShardCollector:
 class ExtractOptions:
     actors: int | None = None  # embedding actors (default: what the cluster's CPUs allow)
     actor_cpus: float = 1.0  # CPUs reserved per actor
-    threads: int = 1  # threads per actor (torch's, or onnxruntime's intra-op threads)
+    threads: int = 1  # threads per actor (onnxruntime's intra-op threads, or the registered backend's)
     actor_gpus: float = 0.0  # GPUs reserved per actor (onnx with gpu=True: one per actor)
     batch_size: int = 128  # images per actor call
     preprocess_cpus: float = 0.5  # CPUs per read/preprocess task
@@ -523,7 +457,7 @@ def check_manifest(out_dir: Path, identity: dict[str, Any], overwrite: bool) -> 
     if same:
         return
     if not overwrite:
-        raise ValueError(f"{out_dir} holds embeddings of another model ({old.get('run')}, weights "
+        raise ValueError(f"{out_dir} holds embeddings of another model ({old.get('run') or old.get('export')}, weights "
                          f"{str(old.get('weights_sha256'))[:12]}); use another --out or --overwrite")
     for p in (out_dir / PARTS).glob("*"):
         p.unlink()
@@ -537,7 +471,7 @@ def extract(shards: str | list[str], out_dir: str | Path, encoder: EncoderSpec,
     """
     import ray
 
-    from shards.reader import expand_urls
+    from shards.samples import expand_urls
 
     out_dir = Path(out_dir)
     urls = [str(Path(u).resolve()) for u in expand_urls(shards)]
@@ -551,7 +485,8 @@ def extract(shards: str | list[str], out_dir: str | Path, encoder: EncoderSpec,
     started = time.perf_counter()
     if todo:
         ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(preprocess_udf, batch_size=1, fn_kwargs={"preprocess_cfg": encoder.preprocess_cfg()},
+        ds = ds.map_batches(preprocess_udf, batch_size=1,
+                            fn_kwargs={"preprocess_cfg": encoder.preprocess_cfg(), "encoder": encoder},
                             num_cpus=options.preprocess_cpus)
         ds = ds.map_batches(Embedder, batch_size=options.batch_size,
                             fn_constructor_kwargs={"encoder": encoder, "threads": options.threads},

@@ -1,21 +1,25 @@
-"""Knowledge search with Ray: embed a corpus with the text tower, top-k for every query embedding.
+"""Knowledge search with Ray: embed a corpus with an export's text tower, top-k for every query embedding.
 
-* The corpus (``training.knowledge.read_corpus``: one text per line, CSV or JSONL) is embedded in
-  batches by a pool of actors that each load the run's encoder once.
-* Queries are columns of an extraction output (``serving.extract``): the image embedding [D] or the
-  geo_time [CLS] embeddings [K, D]. Ray Data reads the Parquet parts; a pool of search actors holds
-  the corpus (one copy per node, from the object store) and answers blocks of queries.
+* The corpus (one text per line, CSV or JSONL: :func:`read_corpus`) is embedded in batches by a pool of
+  actors that each open the export's text tower once (``serving.infer.ExportedModel``, onnxruntime).
+  The embeddings are kept in ``<out>`` and reused while the corpus and the text tower are unchanged.
+* Queries are columns of an extraction output (``serving.extract``): the image embedding [D] or a head's
+  tokens [K, D]. The driver reads their Parquet parts; a pool of search actors holds the corpus (one copy
+  per node, from the object store) and answers blocks of queries.
 * Exact search by default, the same result as ``training.knowledge.search`` (ties to the lower corpus
-  id): a blocked int8 matrix product picks candidates, fp32 rescores them, and an error bound proves
-  that no other row can enter the top-k (``QuantizedCorpus``). A FAISS index (flat, IVF or HNSW) is an
-  option; its recall@k against exact search is measured on a sample of queries and recorded.
+  id): a blocked int8 matrix product (onnxruntime ``MatMulInteger``) and an error bound on the
+  quantisation rule out rows, fp32 rescores the rest (``QuantizedCorpus``). A FAISS index (flat, IVF or
+  HNSW) is an option; its recall@k against exact search is measured on a sample of queries and recorded.
 
-Output (``<out>/``), the format geo_time relevance training can read:
+No torch: this module and its actors import numpy, onnxruntime, pyarrow, ray (and faiss for an index).
+
+Output (``<out>/``), the format relevance training can read:
 
 * ``results/*.parquet``: one row per sample: ``key`` and, for each query column ``C``, ``C_ids``
   (int64) and ``C_scores`` (float32) of shape ``[*query_shape[:-1], k]``, best first; ids are row
   positions in ``read_corpus(corpus, text_column)``;
-* ``corpus_embeddings.npy``: the corpus embeddings [N, D] (float32, normalised), row = id;
+* ``corpus_embeddings.npy``: the corpus embeddings [N, D] (float32, normalised), row = id, and
+  ``corpus_embeddings.key.json``: the corpus sha256 and text-tower fingerprint they were made with;
 * ``manifest.json``: corpus path, sha256 and size, encoder identity and text-tower fingerprint, the
   extraction it searched, k, index and its recall@k, counts and speed.
 """
@@ -32,25 +36,29 @@ from typing import Any
 
 import numpy as np
 
+from shards.corpus import read_corpus
 from serving.extract import MANIFEST, EncoderSpec, tensor_array, tensor_column
 
 LOGGER = logging.getLogger("multiclip.search")
 RESULTS = "results"
 CORPUS_EMBEDDINGS = "corpus_embeddings.npy"
+CORPUS_KEY = "corpus_embeddings.key.json"  # what the embeddings were made from: corpus sha256 + text-tower fingerprint
 INDEX_KINDS = ("exact", "flat", "ivf", "hnsw")
 
 
 # --------------------------------------------------------------------------- the search kernels
 
 
-def exact_topk(queries: np.ndarray, corpus, k: int, block_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+def exact_topk(queries: np.ndarray, corpus, k: int, block_size: int = 16384,
+               threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product: (scores [Q, k], ids [Q, k]), best first, ties to the lower id.
 
     Same contract as ``training.knowledge.search``. ``corpus`` is an array or a ``QuantizedCorpus``
     (an actor prepares it once). Still exact, but most of the work is an int8 matrix product: see
-    ``QuantizedCorpus``.
+    ``QuantizedCorpus``. ``threads``: onnxruntime threads of that product for an array corpus (0: one
+    per physical core; a ``QuantizedCorpus`` keeps its own).
     """
-    prepared = corpus if isinstance(corpus, QuantizedCorpus) else QuantizedCorpus(corpus)
+    prepared = corpus if isinstance(corpus, QuantizedCorpus) else QuantizedCorpus(corpus, threads=threads)
     if prepared.size == 0:
         raise ValueError("cannot search an empty corpus")
     return prepared.search(np.ascontiguousarray(queries, np.float32), min(k, prepared.size), block_size)
@@ -60,27 +68,40 @@ class QuantizedCorpus:
     """The corpus in fp32 and as int8 (one symmetric scale), for exact search by int8 candidates.
 
     For a query q and corpus row x with quantised q', x': |q.x - q'.x'| <= |q - q'| |x| + |q'| |x - x'|
-    =: eps(q), using the largest |x| and |x - x'| over the corpus; q'.x' is exact (int32 products).
-    Pass 1 takes each query's 64 best rows by q'.x' and rescores them in fp32: their k-th score s_k
-    is a lower bound of the true k-th. If every other row has q'.x' + eps < s_k, the answer is
-    certified. Otherwise pass 2 rescores every row with q'.x' + eps >= s_k, which holds the whole
-    true top-k. ``last_stats`` counts the queries each pass settled.
+    =: eps(q), using the largest |x| and |x - x'| over the corpus; q'.x' is exact (int32 products, by
+    onnxruntime's ``MatMulInteger``). Each query keeps a lower bound L of its true k-th score: first the
+    k-th fp32 score of k rows picked by their int8 products, then the k-th of its running top-k. A row
+    with q'.x' + eps < L cannot enter the top-k; every other row is rescored in fp32 and merged into the
+    running top-k (ties to the lower id), so the answer is exact whatever the data. ``last_stats``
+    counts the queries and the rows rescored in fp32.
     """
 
-    candidates = 64  # pass 1: int8 candidates per query rescored in fp32
-    max_pass2_rows = 4096  # pass 2 rows per query before that query falls back to a plain fp32 search
+    seed_group = 64  # the first block's products are read in groups of this many rows to seed the bound
 
-    def __init__(self, corpus: np.ndarray):
-        self.fp32 = _as_tensor(corpus)
-        self.size = self.fp32.shape[0]
-        self.scale = (float(self.fp32.abs().max()) / 127 if self.size else 0.0) or 1.0
-        self.int8, residual = _quantize(self.fp32, self.scale)
-        self.max_norm = float(self.fp32.norm(dim=1).max()) if self.size else 0.0
-        self.max_residual = float(residual.norm(dim=1).max()) if self.size else 0.0
-        self.last_stats = {}
+    def __init__(self, corpus: np.ndarray, threads: int = 0):
+        self.fp32 = np.ascontiguousarray(corpus, np.float32)  # a read-only corpus from the object store is not copied
+        self.size, self.dim = self.fp32.shape
+        self.scale = (max(float(self.fp32.max()), -float(self.fp32.min())) / 127 if self.size else 0.0) or 1.0
+        self.int8 = np.empty(self.fp32.shape, np.int8)
+        self.max_norm = self.max_residual = 0.0
+        for start in range(0, self.size, 8192):  # in chunks: no corpus-sized temporaries
+            rows = self.fp32[start:start + 8192]
+            self.int8[start:start + 8192], residual = _quantize(rows, np.float32(self.scale))
+            self.max_norm = max(self.max_norm, float(np.sqrt(np.einsum("nd,nd->n", rows, rows).max())))
+            self.max_residual = max(self.max_residual, float(np.sqrt(np.einsum("nd,nd->n", residual, residual).max())))
+        self.threads = threads  # onnxruntime intra-op threads of the int8 product (0: one per physical core)
+        self._blocks: dict[int, list[np.ndarray]] = {}
+        self.last_stats: dict[str, int] = {}
 
-    def search(self, q: np.ndarray, k: int, block_size: int, query_block: int = 256):
-        stats = {"pass1": 0, "pass2": 0, "fp32": 0}
+    def blocks(self, block_size: int) -> list[np.ndarray]:
+        """The int8 corpus as contiguous [D, block] slices (MatMulInteger's right-hand side)."""
+        if block_size not in self._blocks:
+            self._blocks[block_size] = [np.ascontiguousarray(self.int8[start:start + block_size].T)
+                                        for start in range(0, self.size, block_size)]
+        return self._blocks[block_size]
+
+    def search(self, q: np.ndarray, k: int, block_size: int, query_block: int = 1024):
+        stats = {"queries": len(q), "rescored": 0}
         parts = [self._search_block(q[start:start + query_block], k, block_size, stats)
                  for start in range(0, len(q), query_block)]
         self.last_stats = stats
@@ -88,112 +109,110 @@ class QuantizedCorpus:
             return np.empty((0, k), np.float32), np.empty((0, k), np.int64)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
-    def products(self, q_int8, start: int, block_size: int):
-        import torch
-
-        return torch._int_mm(q_int8, self.int8[start:start + block_size].T)
-
     def _search_block(self, q: np.ndarray, k: int, block_size: int, stats: dict):
-        import torch
+        q_scale = np.maximum(np.abs(q).max(axis=1), 1e-30) / 127
+        q_int8, q_residual = _quantize(q, q_scale[:, None].astype(np.float32))
+        unit = q_scale.astype(np.float64) * self.scale  # score per unit of int8 product
+        eps = (np.linalg.norm(q_residual, axis=1).astype(np.float64) * self.max_norm
+               + np.linalg.norm(q - q_residual, axis=1).astype(np.float64) * self.max_residual + 1e-5)
+        shifted = (q_int8.astype(np.int16) + 128).astype(np.uint8)  # MatMulInteger's uint8 side, zero point 128
+        matmul = _int8_matmul(self.threads)
+        best_scores = np.full((len(q), k), -np.inf, np.float32)
+        best_ids = np.full((len(q), k), np.iinfo(np.int64).max, np.int64)
+        floor = None
+        for number, block in enumerate(self.blocks(block_size)):
+            start = number * block_size
+            products = matmul.run(None, {"a": shifted, "b": block})[0]
+            if floor is None:  # k real rows: the k-th of their fp32 scores bounds the true k-th from below
+                if products.shape[1] >= k:
+                    seeds = self._seeds(products, k) + start
+                    bound = np.einsum("qd,qkd->qk", q, self.fp32[seeds]).min(axis=1)
+                else:  # a first block narrower than k: no bound yet, every row is rescored
+                    bound = np.full(len(q), -np.inf)
+                floor = _int_floor((bound - eps) / unit)
+            rows, cols = np.divmod(np.flatnonzero(products >= floor[:, None]), products.shape[1])
+            if len(rows):
+                stats["rescored"] += len(rows)
+                scores = np.einsum("nd,nd->n", q[rows], self.fp32[cols + start])
+                best_scores, best_ids = _merge(best_scores, best_ids, rows, scores, cols + start)
+                bound = np.maximum(bound, best_scores[:, -1])
+                floor = _int_floor((bound - eps) / unit)
+        return best_scores, best_ids
 
-        query = torch.from_numpy(q)
-        q_scale = (query.abs().amax(dim=1).clamp_min(1e-30) / 127)[:, None]
-        q_int8, q_residual = _quantize(query, q_scale)
-        unit = q_scale.double().squeeze(1) * self.scale  # score per unit of int8 product
-        eps = (q_residual.norm(dim=1).double() * self.max_norm
-               + (query - q_residual).norm(dim=1).double() * self.max_residual + 1e-5)
-        m = min(self.candidates, self.size)
-        best, best_ids = torch.empty((len(q), 0), dtype=torch.int32), torch.empty((len(q), 0), dtype=torch.long)
-        for start in range(0, self.size, block_size):
-            top, top_ids = self.products(q_int8, start, block_size).topk(min(m, self.size - start, block_size), dim=1)
-            best, best_ids = torch.cat([best, top], 1), torch.cat([best_ids, top_ids + start], 1)
-            keep = best.topk(min(m, best.shape[1]), dim=1).indices
-            best, best_ids = best.gather(1, keep), best_ids.gather(1, keep)
-        scores, ids = _merge(torch.einsum("qd,qmd->qm", query, self.fp32[best_ids]), best_ids, k)
-        # Every row outside the candidates has an int8 product <= the smallest candidate's:
-        certified = (best.min(dim=1).values.double() * unit + eps < scores[:, -1].double()) | (m >= self.size)
-        scores, ids = scores.numpy(), ids.numpy()
-        stats["pass1"] += int(certified.sum())
-        rest = torch.nonzero(~certified).squeeze(1)
-        if len(rest):
-            floor = torch.floor((torch.from_numpy(scores[rest.numpy(), -1]).double() - eps[rest]) / unit[rest])
-            found = self._pass2(query[rest], q_int8[rest], floor.clamp(-2**31, 2**31 - 1).to(torch.int32), k, block_size)
-            for row, (row_scores, row_ids) in zip(rest.tolist(), found):
-                if row_scores is None:  # too many near-ties for the bound: a plain fp32 search
-                    row_scores, row_ids = _fp32_topk(q[row:row + 1], self.fp32, k, block_size)
-                    stats["fp32"] += 1
-                else:
-                    stats["pass2"] += 1
-                scores[row], ids[row] = row_scores, row_ids
-        return scores, ids
-
-    def _pass2(self, query, q_int8, floor, k: int, block_size: int):
-        """Per query: (scores, ids) of the exact top-k among rows with q'.x' >= floor, or (None, None)."""
-        import torch
-
-        rows, cols = [], []
-        for start in range(0, self.size, block_size):
-            row, col = torch.nonzero(self.products(q_int8, start, block_size) >= floor[:, None], as_tuple=True)
-            rows.append(row)
-            cols.append(col + start)
-        rows, cols = torch.cat(rows), torch.cat(cols)
-        counts = torch.bincount(rows, minlength=len(query))
-        found = []
-        for i, row_cols in enumerate(torch.split(cols[torch.argsort(rows, stable=True)], counts.tolist())):
-            if len(row_cols) > self.max_pass2_rows:
-                found.append((None, None))
-                continue
-            row_scores, row_ids = _merge((self.fp32[row_cols] @ query[i])[None], row_cols[None], k)
-            found.append((row_scores[0].numpy(), row_ids[0].numpy()))
-        return found
+    def _seeds(self, products: np.ndarray, k: int) -> np.ndarray:
+        """Per query, k distinct columns with large products: each group's best of the k best groups."""
+        n, group = products.shape[1], self.seed_group
+        if n // group < k:
+            return np.argpartition(products, n - k, axis=1)[:, n - k:]
+        grouped = products[:, : n // group * group].reshape(len(products), -1, group)
+        top_groups = np.argpartition(grouped.max(axis=2), grouped.shape[1] - k, axis=1)[:, -k:]
+        within = np.take_along_axis(grouped, top_groups[:, :, None], axis=1).argmax(axis=2)
+        return top_groups * group + within
 
 
-def _quantize(x, scale):
+def _quantize(x: np.ndarray, scale) -> tuple[np.ndarray, np.ndarray]:
     """(int8 values, fp32 residual x - scale * int8)."""
-    import torch
-
-    values = torch.round(x / scale).clamp_(-127, 127)
-    return values.to(torch.int8), x - values * scale
+    values = np.clip(np.rint(x / scale), -127, 127)
+    return values.astype(np.int8), (x - values * scale).astype(np.float32)
 
 
-def _as_tensor(values: np.ndarray):
-    """A float32 tensor over the array without a copy (a read-only corpus from the object store is never written)."""
-    import warnings
-
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(np.ascontiguousarray(values, np.float32))
+def _int_floor(x: np.ndarray) -> np.ndarray:
+    return np.floor(np.clip(x, -2.0**31, 2.0**31 - 1)).astype(np.int32)
 
 
-def _fp32_topk(q: np.ndarray, c, k: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by a blocked fp32 product with a running top-k (the reference and the fallback)."""
-    import torch
+def _merge(best_scores, best_ids, rows, scores, ids):
+    """Each query's best k of its running top-k and new (row, score, id) candidates, by (-score, id)."""
+    q, k = best_scores.shape
+    rows = np.concatenate([np.repeat(np.arange(q), k), rows])
+    scores = np.concatenate([best_scores.reshape(-1), scores.astype(np.float32)])
+    ids = np.concatenate([best_ids.reshape(-1), ids.astype(np.int64)])
+    order = np.lexsort((ids, -scores, rows))
+    first = np.searchsorted(rows[order], np.arange(q))  # every query has >= k entries: its running top-k
+    take = order[(first[:, None] + np.arange(k)).reshape(-1)]
+    return scores[take].reshape(q, k), ids[take].reshape(q, k)
 
-    q = torch.from_numpy(q)
-    best_scores = torch.empty((q.shape[0], 0))
-    best_ids = torch.empty((q.shape[0], 0), dtype=torch.long)
-    for start in range(0, c.shape[0], block_size):
+
+_SESSIONS: dict[int, Any] = {}
+
+
+def _int8_matmul(threads: int):
+    """An onnxruntime session of one MatMulInteger node: uint8 [Q, D] (zero point 128) x int8 [D, N] -> int32."""
+    if threads not in _SESSIONS:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        node = helper.make_node("MatMulInteger", ["a", "b", "a_zero_point"], ["y"])
+        graph = helper.make_graph(
+            [node], "int8_products",
+            [helper.make_tensor_value_info("a", TensorProto.UINT8, ["queries", "dim"]),
+             helper.make_tensor_value_info("b", TensorProto.INT8, ["dim", "rows"])],
+            [helper.make_tensor_value_info("y", TensorProto.INT32, ["queries", "rows"])],
+            initializer=[helper.make_tensor("a_zero_point", TensorProto.UINT8, [], [128])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        _SESSIONS[threads] = ort.InferenceSession(model.SerializeToString(), options,
+                                                  providers=["CPUExecutionProvider"])
+    return _SESSIONS[threads]
+
+
+def fp32_topk(q: np.ndarray, c: np.ndarray, k: int, block_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by a blocked fp32 product (numpy's BLAS) and ``np.argpartition`` per block.
+
+    The plain kernel, kept as a reference and as the benchmark's fp32 contender; rows tied with a
+    block's k-th score all go to the merge, so ties still go to the lower id.
+    """
+    q, c = np.ascontiguousarray(q, np.float32), np.ascontiguousarray(c, np.float32)
+    k = min(k, len(c))
+    best_scores = np.full((len(q), k), -np.inf, np.float32)
+    best_ids = np.full((len(q), k), np.iinfo(np.int64).max, np.int64)
+    for start in range(0, len(c), block_size):
         scores = q @ c[start:start + block_size].T
-        take = min(k + 1, scores.shape[1])
-        top_scores, top_ids = scores.topk(take, dim=1)
-        if take > k and q.shape[0] and bool((top_scores[:, k] == top_scores[:, k - 1]).any()):
-            tied = int((scores >= top_scores[:, k - 1:k]).sum(dim=1).max())  # keep every tie at the k-th
-            top_scores, top_ids = scores.topk(tied, dim=1)
-        best_scores, best_ids = _merge(torch.cat([best_scores, top_scores], 1),
-                                       torch.cat([best_ids, top_ids + start], 1), k)
-    return best_scores.numpy(), best_ids.numpy()
-
-
-def _merge(scores, ids, k: int):
-    """Best k of candidate (score, id) pairs by (-score, id)."""
-    import torch
-
-    order = torch.sort(ids, dim=1, stable=True).indices
-    scores, ids = scores.gather(1, order), ids.gather(1, order)
-    top = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-    return scores.gather(1, top), ids.gather(1, top)
+        take = min(k, scores.shape[1])
+        kth = np.partition(scores, scores.shape[1] - take, axis=1)[:, scores.shape[1] - take]
+        rows, cols = np.divmod(np.flatnonzero(scores >= np.maximum(kth, best_scores[:, -1])[:, None]), scores.shape[1])
+        best_scores, best_ids = _merge(best_scores, best_ids, rows, scores[rows, cols], cols + start)
+    return best_scores, best_ids
 
 
 @dataclass(frozen=True)
@@ -246,19 +265,15 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
 
 
 class TextEmbedder:
-    """Ray Data callable class: embeds batches of corpus texts with the run's text tower."""
+    """Ray Data callable class: embeds batches of corpus texts with the export's text tower (onnxruntime)."""
 
-    def __init__(self, encoder: EncoderSpec, torch_threads: int = 1):
-        import training  # noqa: F401
-        import torch
+    def __init__(self, encoder: EncoderSpec, threads: int = 1):
+        from serving.infer import ExportedModel
 
-        torch.set_num_threads(torch_threads)
-        self.backend = encoder.build()
-        self.fingerprint = self.backend.text_fingerprint()
+        self.model = ExportedModel(encoder.path, encoder.runtime_options(threads))  # one per actor
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"id": batch["id"], "embedding": self.backend.encode_text([str(t) for t in batch["text"]]),
-                "tower": np.array([self.fingerprint] * len(batch["id"]), dtype=object)}
+        return {"id": batch["id"], "embedding": self.model.text_embeddings([str(t) for t in batch["text"]])}
 
 
 class Searcher:
@@ -267,11 +282,9 @@ class Searcher:
     def __init__(self, corpus_ref, k: int, columns: list[str], index: IndexOptions, index_ref=None,
                  threads: int = 1):
         import ray
-        import torch
 
-        torch.set_num_threads(threads)
         self.corpus = ray.get(corpus_ref[0])  # zero-copy from the node's object store
-        self.prepared = QuantizedCorpus(self.corpus) if index_ref is None else None
+        self.prepared = QuantizedCorpus(self.corpus, threads=threads) if index_ref is None else None
         self.k, self.columns, self.index_options = k, columns, index
         self.index = None
         if index_ref is not None:
@@ -315,7 +328,7 @@ class SearchOptions:
     k: int = 4  # texts per query
     actors: int | None = None  # embedding / search actors (default: the cluster's CPUs)
     actor_cpus: float = 1.0
-    threads: int = 1  # torch / faiss threads per actor
+    threads: int = 1  # onnxruntime / faiss threads per actor
     text_batch_size: int = 256  # corpus texts per actor call
     query_batch_size: int = 1024  # samples per search call
     recall_sample: int = 1000  # queries used to measure an index's recall@k against exact
@@ -328,25 +341,30 @@ def default_actors(actor_cpus: float) -> int:
     return max(1, int(float(ray.cluster_resources().get("CPU", 1)) // actor_cpus))
 
 
-def embed_corpus(encoder: EncoderSpec, texts: list[str], options: SearchOptions) -> tuple[np.ndarray, str]:
-    """(corpus embeddings [N, D] in corpus order, text-tower fingerprint), embedded by a pool of actors."""
+def embed_corpus(encoder: EncoderSpec, texts: list[str], options: SearchOptions) -> np.ndarray:
+    """Corpus embeddings [N, D] in corpus order, by a pool of actors each running the export's text tower."""
     import ray
 
     actors = options.actors or default_actors(options.actor_cpus)
     ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(texts)])
     ds = ds.map_batches(TextEmbedder, batch_size=options.text_batch_size, batch_format="numpy",
-                        fn_constructor_kwargs={"encoder": encoder, "torch_threads": options.threads},
+                        fn_constructor_kwargs={"encoder": encoder, "threads": options.threads},
                         compute=ray.data.ActorPoolStrategy(size=min(actors, max(1, len(texts) // 64) or 1)),
                         num_cpus=options.actor_cpus)
-    ids, parts, towers = [], [], set()
+    ids, parts = [], []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         ids.append(batch["id"])
         parts.append(batch["embedding"])
-        towers.update(str(t) for t in batch["tower"])
-    if len(towers) != 1:
-        raise RuntimeError(f"actors disagree on the text tower: {sorted(towers)}")
     order = np.argsort(np.concatenate(ids), kind="stable")
-    return np.concatenate(parts)[order].astype(np.float32), towers.pop()
+    return np.concatenate(parts)[order].astype(np.float32)
+
+
+def cached_corpus(out_dir: Path, key: dict[str, Any]) -> np.ndarray | None:
+    """The corpus embeddings of an earlier search into ``out_dir`` when corpus and text tower are the same."""
+    path, key_file = out_dir / CORPUS_EMBEDDINGS, out_dir / CORPUS_KEY
+    if path.is_file() and key_file.is_file() and json.loads(key_file.read_text()) == key:
+        return np.load(path)
+    return None
 
 
 def search_dataset(ds, corpus: np.ndarray, columns: list[str], options: SearchOptions, index=None):
@@ -374,12 +392,28 @@ def measure_recall(corpus: np.ndarray, queries: np.ndarray, index, options: Sear
 def search_extraction(extraction: str | Path, corpus_path: str | Path, out_dir: str | Path, encoder: EncoderSpec,
                       columns: list[str], options: SearchOptions = SearchOptions(),
                       text_column: str = "text") -> dict[str, Any]:
-    """Top-k corpus texts for every query column of an extraction output; returns the manifest."""
+    """Top-k corpus texts for every query column of an extraction output; returns the manifest.
+
+    Args:
+        extraction: output folder of ``serving.extract.extract``.
+        corpus_path: one text per line, CSV or JSONL (``text_column``).
+        out_dir: where results, corpus embeddings and the manifest go.
+        encoder: the export folder whose text tower embeds the corpus (``EncoderSpec("onnx", export_dir)``,
+            the spec the extraction used); corpus embeddings are reused from ``out_dir`` when corpus and
+            text tower (:meth:`EncoderSpec.text_fingerprint`) are unchanged.
+        columns: query columns of the extraction ([..., D] each).
+
+    Returns:
+        The manifest written to ``<out_dir>/manifest.json``.
+
+    Needs Ray initialised (``serving.extract.init_ray``).
+    """
     import pyarrow.parquet as pq
     import ray
 
-    from training.knowledge import read_corpus
-
+    if encoder.kind != "onnx":
+        raise ValueError(f"the corpus is embedded by an export folder's text tower (EncoderSpec('onnx', ...)), "
+                         f"not a {encoder.kind!r} encoder")
     extraction, out_dir = Path(extraction), Path(out_dir)
     extracted = json.loads((extraction / MANIFEST).read_text())
     missing = [c for c in columns if c not in extracted["columns"]]
@@ -387,9 +421,18 @@ def search_extraction(extraction: str | Path, corpus_path: str | Path, out_dir: 
         raise ValueError(f"{extraction}: no column(s) {missing}; columns: {sorted(extracted['columns'])}")
     started = time.perf_counter()
     texts = read_corpus(corpus_path, text_column)
-    corpus, tower = embed_corpus(encoder, texts, options)
+    tower = encoder.text_fingerprint()
+    key = {"corpus_sha256": hashlib.sha256(Path(corpus_path).read_bytes()).hexdigest(), "text_column": text_column,
+           "text_fingerprint": tower}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = cached_corpus(out_dir, key)
+    reused = corpus is not None
+    if corpus is None:
+        corpus = embed_corpus(encoder, texts, options)
+        np.save(out_dir / CORPUS_EMBEDDINGS, corpus)
+        (out_dir / CORPUS_KEY).write_text(json.dumps(key, indent=1))
     embedded = time.perf_counter()
-    LOGGER.info("corpus: %d texts embedded in %.1f s", len(texts), embedded - started)
+    LOGGER.info("corpus: %d texts %s in %.1f s", len(texts), "reused" if reused else "embedded", embedded - started)
     index = build_index(corpus, options.index) if options.index.kind != "exact" else None
     parts = [str(extraction / p) for p in extracted["parts"]]
     if (out_dir / RESULTS).exists():
@@ -400,11 +443,10 @@ def search_extraction(extraction: str | Path, corpus_path: str | Path, out_dir: 
             batch_size=None, batch_format="pyarrow")):
         pq.write_table(batch, out_dir / RESULTS / f"part-{i:05d}.parquet")
     seconds = time.perf_counter() - embedded
-    np.save(out_dir / CORPUS_EMBEDDINGS, corpus)
     queries = sum(int(np.prod(extracted["columns"][c][:-1] or [1])) for c in columns) * extracted["samples"]
     manifest = {
         "corpus": {"path": str(Path(corpus_path).resolve()), "text_column": text_column, "texts": len(texts),
-                   "sha256": hashlib.sha256(Path(corpus_path).read_bytes()).hexdigest()},
+                   "sha256": key["corpus_sha256"], "embeddings_reused": reused},
         "encoder": {**encoder.describe(), "text_fingerprint": tower},
         "extraction": {"path": str(extraction.resolve()), "encoder": extracted["encoder"],
                        "samples": extracted["samples"]},

@@ -188,7 +188,7 @@ def in_process_embeddings(run: Path, shard_dir: Path) -> dict[str, dict[str, np.
     """The reference: training's own eval loader and the geo_time head's encode, in this process."""
     import torch
 
-    from training.config import config_from_dict
+    from training.validation import config_from_dict
     from training.data import eval_loader
     from training.evaluation import load_weights
     from training.model import build_model

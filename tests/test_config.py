@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training.config import ConfigError, config_from_dict, load_config
+from training.config import ConfigError
+
+from training.validation import config_from_dict, load_config
 from training.registry import get_task_class, list_tasks
 
 from conftest import ROOT, tiny_config

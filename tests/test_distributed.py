@@ -37,7 +37,7 @@ def _kill_job(job: subprocess.Popen, port: int) -> None:
 
 
 def _fresh_state_dict(raw: dict) -> dict[str, torch.Tensor]:
-    from training.config import config_from_dict
+    from training.validation import config_from_dict
     from training.model import build_model
 
     model, _ = build_model(config_from_dict(raw))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from shards.corpus import read_corpus
 from training import knowledge, metrics
 
 
@@ -72,9 +73,9 @@ def test_read_corpus_formats(tmp_path):
     (tmp_path / "c.csv").write_text("id,text\n1,first\n2,second\n")
     (tmp_path / "c.jsonl").write_text('{"text": "first"}\n{"text": "second"}\n')
     for name in ("c.txt", "c.csv", "c.jsonl"):
-        assert knowledge.read_corpus(tmp_path / name) == ["first", "second"]
+        assert read_corpus(tmp_path / name) == ["first", "second"]
     with pytest.raises(FileNotFoundError):
-        knowledge.read_corpus(tmp_path / "missing.txt")
+        read_corpus(tmp_path / "missing.txt")
 
 
 def test_extra_cls_tokens_start_as_copies_of_cls():

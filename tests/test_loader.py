@@ -15,7 +15,8 @@ import training  # noqa: F401  (torchvision compatibility before open_clip)
 from shards.samples import decode_image, draft_scale
 from shards.writer import ShardSetWriter
 from training import accelerator, data
-from training.config import DataConfig, config_from_dict
+from training.config import DataConfig
+from training.validation import config_from_dict
 from training.distributed import DistInfo
 
 from conftest import ROOT, tiny_config
@@ -203,3 +204,20 @@ def test_train_loader_uint8_batches_match_fp32_batches(jpeg_shards, tiny_backbon
     assert batches[True]["key"] == batches[False]["key"]
     assert batches[True]["image"].dtype == batches[False]["image"].dtype == torch.float32
     assert (batches[True]["image"] - batches[False]["image"]).abs().max() < 1e-5
+
+
+def test_data_workers_get_transforms_and_tokenizer_not_the_model(jpeg_shards, tiny_backbone, tmp_path):
+    """The sample mapping a worker runs holds a SampleContext (picklable, small), never the open_clip model."""
+    import pickle
+
+    from training.backbone import SampleContext
+    from training.registry import get_task_class
+
+    task_class = get_task_class("retrieval")
+    task = task_class(task_class.Options(), tiny_backbone)
+    cfg = config_from_dict(tiny_config(jpeg_shards, tmp_path))
+    one = DistInfo(0, 1, 0, 1, torch.device("cpu"))
+    map_fn = data.train_loader(cfg, task, tiny_backbone, one, tmp_path, 0).dataset.spec.map_fn
+    context = map_fn.keywords["backbone"]
+    assert isinstance(context, SampleContext) and not any(isinstance(v, torch.nn.Module) for v in vars(context).values())
+    assert len(pickle.dumps(context)) < len(pickle.dumps(tiny_backbone.model)) / 4

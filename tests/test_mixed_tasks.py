@@ -8,7 +8,8 @@ import pytest
 
 from conftest import tiny_config
 from conftest import _train, _write_config
-from training.config import ConfigError, config_from_dict
+from training.config import ConfigError
+from training.validation import config_from_dict
 from training.trainer import _pick_task, _task_batches
 
 

@@ -143,7 +143,7 @@ def test_numpy_preprocessing_matches_open_clip():
 def test_contextual_scorer_exports_with_parity(tmp_path):
     """The ContextualCLIP head (transformer over the set, fusion scale 1000) in onnxruntime, untrained."""
     from training.export.exporter import FP32_TOLERANCE, ImageEncoder, export_graph, fixed_images
-    from training.config import config_from_dict
+    from training.validation import config_from_dict
     from training.model import build_model
 
     raw = tiny_config(tmp_path, tmp_path / "run", tasks=[{"name": "contextual", "options": {"ffn_dim": 128}}])

@@ -10,7 +10,8 @@ import torch
 from conftest import _synth, tiny_config
 from conftest import _run, _train, _write_config
 from training import accelerator
-from training.config import ConfigError, config_from_dict
+from training.config import ConfigError
+from training.validation import config_from_dict
 
 
 @pytest.fixture(scope="module")

@@ -126,10 +126,11 @@ def test_job_extracts_resumes_and_matches_in_process(geo_run, ray_cluster, tmp_p
     import ray
 
     from serving.extract import EncoderSpec, ExtractOptions, extract, init_ray
+    from training.extract_torch import KIND  # registers the torch-run backend here and, by the pickled spec, in workers
 
     init_ray(address=ray_cluster["address"])
     try:
-        manifest = extract(str(data), out, EncoderSpec("torch-run", str(run)), ExtractOptions(actors=1))
+        manifest = extract(str(data), out, EncoderSpec(KIND, str(run)), ExtractOptions(actors=1))
     finally:
         ray.shutdown()
     assert manifest["this_run"]["embedded"] == 40 and manifest["samples"] == 122

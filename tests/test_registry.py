@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, tiny_config
-from training.config import Config, ConfigError, config_from_dict
+from training.config import Config, ConfigError
+from training.validation import config_from_dict
 from training.registry import get_task_class, list_tasks
 
 TASK_NAMES = list_tasks()
@@ -137,3 +138,32 @@ def test_the_base_install_is_the_torch_free_serving_side():
     training_side = {"torch", "deepspeed", "open_clip_torch", "transformers", "webdataset", "ray", "timm"}
     assert not base & training_side, base & training_side
     assert training_side <= {Requirement(r).name.lower() for r in project["optional-dependencies"]["train"]}
+
+
+# the registry comes before the tasks: they register with its decorator, it imports them on first lookup
+IMPORT_ORDER = ["training.config", "training.backbone", "training.registry", "training.tasks.base", "training.model",
+                "training.validation", "training.trainer"]
+
+
+def test_training_imports_form_a_dag_in_the_documented_order():
+    """Importing a module of the chain loads none that come after it (no cycle hidden in a function)."""
+    import subprocess
+    import sys
+
+    for i, module in enumerate(IMPORT_ORDER[:-1]):
+        later = IMPORT_ORDER[i + 1:]
+        script = f"import sys, {module}; print(sorted(set({later!r}) & set(sys.modules)))"
+        proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.strip() == "[]", (module, proc.stdout, proc.stderr[-1500:])
+
+
+def test_shards_import_nothing_from_training():
+    import subprocess
+    import sys
+
+    script = ("import importlib, pkgutil, sys, shards\n"
+              "for m in pkgutil.walk_packages(shards.__path__, 'shards.'):\n"
+              "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'training'))")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-1500:]

@@ -35,7 +35,7 @@ def exports(tmp_path_factory):
 
 def _export_fresh_model(base: Path, task: str) -> tuple[Path, Path, torch.nn.Module]:
     from shards.synth import generate, get_synth
-    from training.config import config_from_dict
+    from training.validation import config_from_dict
     from training.export.exporter import export_model
     from training.model import build_model
 

@@ -154,7 +154,7 @@ def _rewrite_json_member(shard: Path, member: str, payload: bytes) -> None:
 
 
 def test_frozen_blocks_grad_checkpointing_and_wise_ft(retrieval_shards, tmp_path):
-    from training.config import config_from_dict
+    from training.validation import config_from_dict
     from training.model import build_model
     from training.trainer import seed_everything
 

@@ -56,6 +56,16 @@ def check_model_config(cfg: ModelConfig) -> None:
 
 
 @dataclass(frozen=True)
+class SampleContext:
+    """What a task's ``map_sample`` may use in the data workers: transforms and tokenizer, not the model."""
+
+    preprocess_train: Callable
+    preprocess_val: Callable
+    tokenizer: Callable
+    embed_dim: int
+
+
+@dataclass(frozen=True)
 class Backbone:
     """The open_clip model with what data workers need to turn samples into tensors."""
 
@@ -64,6 +74,10 @@ class Backbone:
     preprocess_val: Callable
     tokenizer: Callable
     embed_dim: int
+
+    def sample_context(self) -> SampleContext:
+        """The part the data workers receive (so no copy of the model travels to them)."""
+        return SampleContext(self.preprocess_train, self.preprocess_val, self.tokenizer, self.embed_dim)
 
 
 def create_backbone(cfg: ModelConfig) -> Backbone:

@@ -31,14 +31,14 @@ from shards.samples import count_samples, expand_urls
 from training import accelerator
 from training.config import Config
 from training.distributed import DistInfo
-from training.backbone import Backbone
+from training.backbone import Backbone, SampleContext
 
 MAX_AUTO_WORKERS = 8  # more workers per rank rarely pay: each holds a shuffle buffer and prefetched batches
 ImageNorm = tuple[tuple[float, ...], tuple[float, ...]]  # (mean, std) per channel
 LOGGER = logging.getLogger("multiclip.data")
 
 
-def _map(sample: dict[str, Any], task, backbone: Backbone, train: bool) -> dict[str, Any]:
+def _map(sample: dict[str, Any], task, backbone: SampleContext, train: bool) -> dict[str, Any]:
     """Expose the single image as ``image`` whatever its extension, then apply the task's mapping."""
     image = members.single_image(sample)
     if image is not None:
@@ -193,7 +193,7 @@ def train_loader(cfg: Config, task, backbone: Backbone, dist_info: DistInfo, run
         LOGGER.info("%s loader: %d worker(s) per rank (num_workers=%s), pin_memory=%s, prefetch_factor=%d, "
                     "JPEG draft decode to shorter side >= %s, uint8 images=%s", task.name, workers, data.num_workers,
                     pin_memory, data.prefetch_factor, decode_size, data.uint8_images)
-    return make_loader(urls, map_fn=partial(_map, task=task, backbone=backbone, train=True),
+    return make_loader(urls, map_fn=partial(_map, task=task, backbone=backbone.sample_context(), train=True),
                        batch_size=cfg.micro_batch_size(task.name), rank=dist_info.rank,
                        world_size=dist_info.world_size, num_workers=workers,
                        seed=cfg.run.seed, shuffle_buffer=data.shuffle_buffer, resample=data.resample,
@@ -208,7 +208,7 @@ def eval_loader(urls, task, backbone: Backbone, batch_size: int, error_log_dir: 
     Images are decoded at full size, so held-out metrics see exactly the pixels of ``preprocess_val``
     (and of the exported model's preprocessing).
     """
-    return make_eval_loader(expand_urls(urls), map_fn=partial(_map, task=task, backbone=backbone, train=False),
+    return make_eval_loader(expand_urls(urls), map_fn=partial(_map, task=task, backbone=backbone.sample_context(), train=False),
                             batch_size=batch_size, num_workers=0, error_log_dir=error_log_dir, collate_fn=collate)
 
 

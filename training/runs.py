@@ -1,27 +1,53 @@
-"""A finished training run, rebuilt: the one way export, Grad-CAM and the benchmarks load a run."""
+"""A finished training run, rebuilt: the one way export, the jobs, Grad-CAM and the benchmarks load a run."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
 
-from training.config import config_from_dict
+from training.validation import config_from_dict
 from training.evaluation import load_weights
 from training.backbone import Backbone
 from training.model import MultiTaskModel, build_model
+from training.registry import get_task_class
 
 
-def load_run(run_dir: str | Path) -> tuple[MultiTaskModel, Backbone, dict[str, Any]]:
-    """The model of a training run (eval mode), rebuilt from ``final/config.json`` and ``final/model.safetensors``.
+ROOT = Path(__file__).resolve().parents[1]
 
-    The backbone is built without its pretrained tag (the run's own weights replace it), so loading a run
-    needs no download. Returns (model, backbone, the raw config as used).
-    """
-    final = Path(run_dir) / "final"
+
+def final_dir(run_dir: str | Path) -> Path:
+    """A run's ``final/`` folder (``run_dir`` may be it); FileNotFoundError if the run did not finish."""
+    path = Path(run_dir)
+    final = path / "final" if (path / "final").is_dir() else path
     if not (final / "config.json").is_file() or not (final / "model.safetensors").is_file():
         raise FileNotFoundError(f"{final}: expected config.json and model.safetensors (a finished training run)")
-    raw = json.loads((final / "config.json").read_text())
+    return final
+
+
+def rebuild_config(raw: dict[str, Any], encoder_only: bool = False) -> dict[str, Any]:
+    """The run's config for rebuilding it: no pretrained tag or init weights (the final weights replace
+    them, so nothing is downloaded), model configs found from the repository too, and with
+    ``encoder_only`` each task's :attr:`~training.tasks.base.Task.encoder_only_options` applied."""
+    raw = json.loads(json.dumps(raw))
     raw["model"] = {**raw["model"], "pretrained": None, "init_weights": None}
+    model_dir = Path(raw["model"].get("model_config_dir", "configs/models"))
+    if not model_dir.is_dir() and (ROOT / model_dir).is_dir():
+        raw["model"]["model_config_dir"] = str(ROOT / model_dir)
+    if encoder_only:
+        for task in raw["tasks"]:
+            task["options"] = {**task.get("options", {}), **get_task_class(task["name"]).encoder_only_options}
+    return raw
+
+
+def load_run(run_dir: str | Path, encoder_only: bool = False) -> tuple[MultiTaskModel, Backbone, dict[str, Any]]:
+    """The model of a training run (eval mode), rebuilt from ``final/config.json`` and ``final/model.safetensors``.
+
+    The one way export, the torch extraction backend, Grad-CAM, the classical comparison and the
+    benchmarks load a run. ``encoder_only``: leave out what only training reads (see
+    :func:`rebuild_config`). Returns (model, backbone, the raw config as used).
+    """
+    final = final_dir(run_dir)
+    raw = rebuild_config(json.loads((final / "config.json").read_text()), encoder_only)
     cfg = config_from_dict(raw, source=str(final / "config.json"))
     model, backbone = build_model(cfg)
     load_weights(model, final / "model.safetensors")

@@ -20,8 +20,20 @@ def meme_tokenizer(model: ExportedModel) -> WordPieceTokenizer:
                               meta["pad_token_id"], meta["pad_token"])
 
 
+def meme_fields(meta: dict[str, Any]) -> tuple[str, str, list[str]]:
+    """(query, context, emotions) of a meme's json; ValueError naming the bad field. Training uses it too."""
+    query, context, emotions = meta.get("caption"), meta.get("context"), meta.get("emotions", [])
+    for name, value in (("caption", query), ("context", context)):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"json.{name} must be a non-empty string")
+    if not isinstance(emotions, list) or not all(isinstance(e, str) for e in emotions):
+        raise ValueError("json.emotions must be a list of strings")
+    return query, context, emotions
+
+
 def meme_scores(query: np.ndarray, qi: np.ndarray, context: np.ndarray, meta: dict[str, Any]) -> dict[str, np.ndarray]:
-    """[Q, G] QI, QC and fused S = alpha * QI + (1 - alpha) * QC (as training.tasks.meme.branch_scores)."""
+    """[Q, G] QI, QC and fused S = alpha * QI + (1 - alpha) * QC; NumPy arrays or torch tensors (training's
+    evaluation scores with this function too)."""
     s_qi = meta["qi_logit_scale"] * query @ qi.T
     s_qc = meta["qc_logit_scale"] * query @ context.T
     return {"qi": s_qi, "qc": s_qc, "fused": meta["alpha"] * s_qi + (1 - meta["alpha"]) * s_qc}
@@ -49,13 +61,10 @@ class MemePredictor(Predictor):
         """(pixels, query, context, emotion text) of a meme sample, or why it cannot be used."""
         if item.error:
             return item.error
-        meta = item.meta or {}
-        query, context, emotions = meta.get("caption"), meta.get("context"), meta.get("emotions", [])
-        for name, value in (("caption", query), ("context", context)):
-            if not isinstance(value, str) or not value.strip():
-                return f"bad_json: json.{name} must be a non-empty string"
-        if not isinstance(emotions, list) or not all(isinstance(e, str) for e in emotions):
-            return "bad_json: json.emotions must be a list of strings"
+        try:
+            query, context, emotions = meme_fields(item.meta or {})
+        except ValueError as err:
+            return f"bad_json: {err}"
         pixels = load_pixels(item, self.model.preprocess)
         return pixels if isinstance(pixels, str) else (pixels, query, context, " ".join(emotions))
 

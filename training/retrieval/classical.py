@@ -36,7 +36,7 @@ from sklearn.pipeline import make_pipeline
 from shards.reader import make_eval_loader
 from shards.samples import expand_urls
 from training import metrics
-from training.config import load_config
+from training.validation import load_config
 from shards.members import single_image
 from training.evaluation import load_weights
 from training.model import build_model

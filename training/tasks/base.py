@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from training.backbone import Backbone
+from training.backbone import Backbone, SampleContext
 
 if TYPE_CHECKING:
     from training.export.graph import HeadExport
@@ -33,6 +33,9 @@ class Task(nn.Module):
     zero3_unsupported: ClassVar[str | None] = None
     # the metrics a reader looks at first (launch/report.py's tables; the trainer writes them to metrics.json)
     headline_metrics: ClassVar[tuple[str, ...]] = ()
+    # options replaced when a finished run is rebuilt to encode images only (``load_run(encoder_only=True)``):
+    # data files only training reads; the run's final weights are loaded over the head anyway
+    encoder_only_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, options: TaskOptions, backbone: Backbone):
         super().__init__()
@@ -46,8 +49,9 @@ class Task(nn.Module):
     def prepare(self, backbone: nn.Module) -> None:
         """Precompute what training needs from the backbone (e.g. embedded corpora); default: nothing."""
 
-    def map_sample(self, sample: dict[str, Any], backbone: Backbone, train: bool) -> dict[str, Any]:
-        """Turn one decoded WebDataset sample into tensors (runs in data-loader workers)."""
+    def map_sample(self, sample: dict[str, Any], backbone: SampleContext, train: bool) -> dict[str, Any]:
+        """Turn one decoded WebDataset sample into tensors (runs in data-loader workers, which get the
+        backbone's transforms and tokenizer, :class:`~training.backbone.SampleContext`, not its model)."""
         raise NotImplementedError
 
     def training_forward(self, backbone: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -64,6 +68,12 @@ class Task(nn.Module):
         metadata for the manifest. ``features`` are the image tower's outputs on fixed images, example
         inputs for graphs that start from them. ``serving/predictors/<task>.py`` has the matching predictor."""
         raise NotImplementedError(f"task {self.name!r} defines no ONNX export")
+
+    @torch.no_grad()
+    def extraction_outputs(self, backbone: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Columns the Ray extraction job writes from this head in torch (``training/extract_torch.py``),
+        named as the export's ``extraction`` metadata names them; default: none."""
+        return {}
 
     @classmethod
     def exports_onnx(cls) -> bool:

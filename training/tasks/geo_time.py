@@ -115,6 +115,7 @@ class RelevanceModule(nn.Module):
 @register_task("geo_time")
 class GeoTimeTask(Task):
     zero3_unsupported = "reads the ViT's [CLS] and projection weights outside their module's forward"
+    encoder_only_options = {"knowledge_corpus": None, "labels_file": None, "stage": "quantity"}
     headline_metrics = ("location_top1_base", "location_top1_knowledge", "location_top1_no_knowledge",
                         "location_example_f1_base", "time_top1_base", "time_top1_knowledge", "time_top1_no_knowledge",
                         "time_example_f1_base")
@@ -169,6 +170,12 @@ class GeoTimeTask(Task):
         return out
 
     # --- embeddings -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def extraction_outputs(self, backbone, images):
+        """The export's extraction columns: the head's image embedding and each quantity's [CLS] tokens."""
+        image, tokens = self.encode(backbone, images)
+        return {f"{self.name}_image": image, **{f"{self.name}_{q}_cls": t for q, t in tokens.items()}}
+
     def encode(self, backbone: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(image embedding [B, D], {quantity: token embeddings [B, K, D]}), all normalised."""
         image, outputs = vit_with_extra_tokens(backbone.visual, images, self.extra_tokens)

@@ -24,6 +24,7 @@ from open_clip.transformer import text_global_pool
 from pydantic import Field
 from torch import nn
 
+from serving.predictors.meme import meme_fields, meme_scores  # the torch-free twins serve both sides
 from training import metrics
 from training.config import ConfigError
 from training.export.graph import FIXED_TEXTS, Graph, HeadExport
@@ -194,13 +195,10 @@ class MemeTask(Task):
             self.qc_logit_scale.requires_grad_(False)
 
     def map_sample(self, sample: dict[str, Any], backbone: Backbone, train: bool) -> dict[str, Any]:
-        meta = sample["json"]
-        query, context, emotions = meta.get("caption"), meta.get("context"), meta.get("emotions", [])
-        for field, value in (("caption", query), ("context", context)):
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"meme sample {sample['__key__']}: json.{field} must be a non-empty string")
-        if not isinstance(emotions, list) or not all(isinstance(e, str) for e in emotions):
-            raise ValueError(f"meme sample {sample['__key__']}: json.emotions must be a list of strings")
+        try:
+            query, context, emotions = meme_fields(sample["json"])
+        except ValueError as err:
+            raise ValueError(f"meme sample {sample['__key__']}: {err}") from None
         preprocess = backbone.preprocess_train if train else backbone.preprocess_val
         return {
             "task": "meme",
@@ -314,10 +312,10 @@ MEME_TOKENIZER_DIR = "meme_emotion_tokenizer"  # tokenizer.json of the frozen BE
 
 
 def branch_scores(emb: dict[str, torch.Tensor], qi_scale: float, qc_scale: float, alpha: float) -> dict[str, torch.Tensor]:
-    """[Q, G] scores of every query against every meme: QI, QC and S = alpha * QI + (1 - alpha) * QC."""
-    qi = qi_scale * emb["query"] @ emb["qi"].T
-    qc = qc_scale * emb["query"] @ emb["context"].T
-    return {"qi": qi, "qc": qc, "fused": alpha * qi + (1 - alpha) * qc}
+    """[Q, G] scores of every query against every meme: QI, QC and S = alpha * QI + (1 - alpha) * QC,
+    by the function serving ranks with."""
+    return meme_scores(emb["query"], emb["qi"], emb["context"],
+                       {"qi_logit_scale": qi_scale, "qc_logit_scale": qc_scale, "alpha": alpha})
 
 
 def score_meme(scores: dict[str, torch.Tensor], captions: list[str], ks=(1, 5, 10, 50, 100)) -> dict[str, float]:
