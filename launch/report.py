@@ -1,5 +1,9 @@
-"""Print a run's held-out metrics before (the zero-shot baseline) and after training, beside chance:
-one table per task, headline metrics first (``--all`` for every metric).
+"""Print a run's held-out metrics before (the zero-shot baseline) and after training, beside chance and
+the strongest trivial baseline: one table per task, headline metrics first (``--all`` for every metric).
+
+A task reports its baselines as sibling keys of a metric: ``<metric>_chance`` (uniform guessing) and
+``<metric>_baseline`` (the strongest trivial rule on the same held-out data: the majority label, or a
+label-prior rule where the data has one); ``<metric>_baseline_rule`` may name the rule (a string).
 
     python launch/report.py runs/all_heads_tiny [--all]
 """
@@ -30,16 +34,22 @@ def format_table(result: dict, keys: list[str] | None = None) -> str:
     before, after = result.get("before") or {}, result["after"]
     if keys is None:
         keys = list(after)
-    keys = [k for k in keys if not k.endswith("_chance") and k.split("/")[-1] not in ("num_samples", "num_video",
-                                                                                      "num_static")]
-    rows = [("metric", "before", "after", "chance")]
+    keys = [k for k in keys if not k.endswith(BASELINE_SUFFIXES) and isinstance(after[k], (int, float))
+            and k.split("/")[-1] not in ("num_samples", "num_video", "num_static")]
+    rows = [("metric", "before", "after", "chance", "baseline")]
     for key in keys:
         chance = after.get(f"{key}_chance", after.get(_unprefixed(key) + "_chance"))
-        rows.append((key, _fmt(before.get(key)), _fmt(after[key]), _fmt(chance)))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        baseline = after.get(f"{key}_baseline", after.get(_unprefixed(key) + "_baseline"))
+        rule = after.get(f"{key}_baseline_rule", after.get(_unprefixed(key) + "_baseline_rule"))
+        shown = _fmt(baseline) + (f" ({rule})" if rule and baseline is not None else "")
+        rows.append((key, _fmt(before.get(key)), _fmt(after[key]), _fmt(chance), shown))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+BASELINE_SUFFIXES = ("_chance", "_baseline", "_baseline_rule")
 
 
 def format_wise_ft(wise: dict) -> str:

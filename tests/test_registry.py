@@ -89,6 +89,10 @@ def test_report_shows_the_headline_metrics_the_run_wrote():
     assert "toy/b" in table and "toy/a" not in table
     everything = task_tables({**result, "headline": {}})[0]  # a run from before the list: every metric
     assert "toy/a" in everything and "0.250" in everything and "toy/b" in everything
+    with_baseline = task_tables({**result, "after": {**result["after"], "toy/b_baseline": 0.41,
+                                                     "toy/b_baseline_rule": "majority label"}})[0]
+    row = next(line for line in with_baseline.splitlines() if line.startswith("toy/b "))
+    assert "0.410 (majority label)" in row and "baseline" in with_baseline.splitlines()[1]
 
 
 def _fields(model: type, prefix: str = ""):
