@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp16", action="store_true", help="also write fp16 graphs (checked by cosine to fp32)")
     parser.add_argument("--int8", action="store_true",
                         help="also write int8 towers for CPU inference (dynamic quantisation, checked by cosine to fp32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (swapped in whole)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("multiclip").setLevel(logging.INFO)
@@ -36,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.model:
             manifest = export_pretrained(args.model, args.pretrained, args.out, fp16=args.fp16, int8=args.int8,
-                                         model_config_dir=args.model_config_dir)
+                                         model_config_dir=args.model_config_dir, overwrite=args.overwrite)
         else:
-            manifest = export_run(args.checkpoint, args.out, fp16=args.fp16, int8=args.int8)
-    except (ConfigError, FileNotFoundError) as err:
+            manifest = export_run(args.checkpoint, args.out, fp16=args.fp16, int8=args.int8, overwrite=args.overwrite)
+    except (ConfigError, FileNotFoundError, FileExistsError) as err:
         print(f"export error: {err}", file=sys.stderr)
         return 2
     except ParityError as err:

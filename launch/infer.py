@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--int8", action="store_true", help="int8 towers where exported (export --int8; CPUs)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: default)")
     parser.add_argument("--workers", type=int, default=4, help="image decoding threads")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip checking the export's files against the manifest's sha256 (a warning says so)")
     for task in list_predictors():
         get_predictor(task).add_arguments(parser)
     return parser
@@ -58,7 +60,7 @@ def open_model(args: argparse.Namespace) -> ExportedModel:
     options = RuntimeOptions(providers=tuple(args.providers), fp16=args.fp16, int8=args.int8,
                              intra_op_threads=args.threads, require_gpu=args.require_gpu,
                              trt_cache_dir=args.trt_cache, trt_opt_batch=max(1, args.batch_size))
-    model = ExportedModel(args.model, options)
+    model = ExportedModel(args.model, options, verify=not args.no_verify)
     # TensorRT profile: the largest batch a tower sees (a task's item may hold several images)
     per_item = max([model.manifest["tasks"][t].get("images_per_item", 1) for t in (args.tasks or model.tasks)
                     if t in model.manifest["tasks"]], default=1)

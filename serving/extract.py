@@ -129,14 +129,6 @@ def _unpickle_spec(module: str | None, *fields: Any) -> EncoderSpec:
     return EncoderSpec(*fields)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class OnnxExportEncoder:
     """An export folder through serving's onnxruntime runtime: the same engine as ``launch/infer.py``.
 

@@ -171,3 +171,53 @@ def test_a_plain_open_clip_model_exports_without_a_run(exported, tmp_path):
     plain, trained = OnnxExportEncoder(out).encode(pixels), OnnxExportEncoder(run_export).encode(pixels)
     np.testing.assert_allclose(plain["image_embedding"], trained["image_embedding"], atol=1e-5)
     assert OnnxExportEncoder(out).encode_text(["a red circle"]).shape == (1, 64)
+
+
+def test_a_killed_re_export_leaves_the_previous_export_whole(exported, tmp_path, monkeypatch):
+    """The export is built in a temporary sibling and swapped in: a failure midway (here: the last head's
+    export raising) leaves the earlier export byte for byte, and no temporary folder behind."""
+    from training.export import exporter
+    from training.runs import load_run
+
+    run, _ = exported
+    model, backbone, raw = load_run(run)
+    out = tmp_path / "export"
+    exporter.export_model(model, backbone, out, tasks=["time"], model_name="tiny-vit")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        exporter.export_model(model, backbone, out, tasks=["time"])
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-export")
+
+    monkeypatch.setattr(type(model.heads["time"]), "export_onnx", killed)
+    with torch.no_grad():
+        model.backbone.visual.proj.add_(1.0)  # another model: its towers are written first, then the kill
+    with pytest.raises(KeyboardInterrupt):
+        exporter.export_model(model, backbone, out, tasks=["time"], overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # the temporary folder is gone
+    stranger = tmp_path / "not_an_export"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not written by this tool"):
+        exporter.export_model(model, backbone, stranger, tasks=["time"], overwrite=True)
+    assert (stranger / "notes.txt").read_text() == "mine"
+
+
+def test_inference_refuses_a_graph_swapped_in_from_another_export(exported, tmp_path):
+    import shutil
+
+    from serving.model import ExportedModel
+
+    _, export = exported
+    mixed = tmp_path / "mixed"
+    shutil.copytree(export, mixed)
+    other = tmp_path / "other.onnx"
+    shutil.copyfile(export / "time_head.onnx", other)
+    (mixed / "image_encoder.onnx").write_bytes(other.read_bytes())  # a well-formed graph, not this export's
+    model = ExportedModel(mixed)
+    with pytest.raises(ValueError, match="image_encoder.onnx: sha256 differs"):
+        model.session("image_encoder")
+    model.session("time_head")  # the untouched graphs still open
+    ExportedModel(mixed, verify=False).session("image_encoder")  # --no-verify: runs, with a warning

@@ -83,7 +83,8 @@ def local_ray(tmp_path):
 
 
 def test_search_on_the_export_equals_in_process_knowledge_search(geo_export, local_ray, tmp_path):
-    from serving.extract import EncoderSpec, ExtractOptions, extract, file_sha256, read_embeddings
+    from serving.extract import EncoderSpec, ExtractOptions, extract, read_embeddings
+    from shards.atomic import file_sha256
     from serving.search import (CORPUS_EMBEDDINGS, IndexOptions, SearchOptions, read_results,
                                 search_extraction)
     from training.validation import config_from_dict

@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from serving.extract import EncoderSpec, file_sha256, register_backend
+from serving.extract import EncoderSpec, register_backend
+from shards.atomic import file_sha256
 from training.runs import final_dir, load_run, rebuild_config
 
 KIND = "torch-run"

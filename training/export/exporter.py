@@ -19,7 +19,6 @@ predictor. This is the training side: it imports torch; ``serving/`` reads what 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
@@ -36,6 +35,7 @@ import open_clip
 import torch
 from torch import nn
 
+from shards.atomic import file_sha256 as sha256, replacing_dir
 from training.config import ConfigError
 from training.export.graph import FIXED_TEXTS, Graph, HeadExport, ImageEncoder, TextEncoder, fixed_images, image_size
 from training.backbone import Backbone
@@ -44,6 +44,7 @@ from training.runs import load_run
 
 LOG = logging.getLogger("multiclip.export")
 FORMAT = "multiclip-onnx/1"
+MANIFEST = "manifest.json"
 FP32_TOLERANCE = 1e-4
 REDUCED_MIN_COSINE = 0.999  # fp16 and int8 copies, per item, to fp32
 MAX_BATCH = 4096
@@ -207,14 +208,6 @@ def check_cosine(graph: Graph, fp32_path: Path, reduced_path: Path, min_cosine: 
     return worst
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def export_graph(graph: Graph, out: Path, precisions: tuple[str, ...] = ()) -> dict[str, Any]:
     """Export one graph, check parity, add the reduced-precision copies asked for; its manifest entry.
 
@@ -281,7 +274,8 @@ def versions() -> dict[str, str]:
 
 
 def export_model(model: MultiTaskModel, backbone: Backbone, out: str | Path, fp16: bool = False, int8: bool = False,
-                 model_name: str = "", source: str = "", tasks: list[str] | None = None) -> dict[str, Any]:
+                 model_name: str = "", source: str = "", tasks: list[str] | None = None,
+                 overwrite: bool = False) -> dict[str, Any]:
     """Export the towers and every head with a registered exporter; write and return the manifest.
 
     Args:
@@ -292,6 +286,11 @@ def export_model(model: MultiTaskModel, backbone: Backbone, out: str | Path, fp1
         int8: also write int8 towers (``image_encoder.int8.onnx``, ``text_encoder.int8.onnx``; dynamic
             quantisation for CPUs), checked by cosine to fp32. Heads are small and stay fp32.
         tasks: heads to export (default: all of the model's).
+        overwrite: replace an earlier export in ``out`` (a folder with a manifest.json); a non-empty
+            folder without one is never touched.
+
+    The export is written into a temporary sibling of ``out`` and swapped in whole once every graph has
+    passed its check, so a killed export leaves the previous one (or nothing), never a mix.
     Raises:
         ParityError: a graph's onnxruntime outputs differ from torch's.
         ConfigError: a head without an exporter, or a tokenizer/preprocessing without a NumPy twin.
@@ -303,8 +302,12 @@ def export_model(model: MultiTaskModel, backbone: Backbone, out: str | Path, fp1
     missing = [t for t in tasks if not model.heads[t].exports_onnx()]
     if missing:
         raise ConfigError(f"task(s) {missing} define no ONNX export (Task.export_onnx)")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with replacing_dir(out, MANIFEST, overwrite) as tmp:
+        return _write_export(model, backbone, tmp, fp16, int8, model_name, source, tasks)
+
+
+def _write_export(model: MultiTaskModel, backbone: Backbone, out: Path, fp16: bool, int8: bool, model_name: str,
+                  source: str, tasks: list[str]) -> dict[str, Any]:
     model.eval()
     manifest: dict[str, Any] = {
         "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": source,
@@ -321,7 +324,7 @@ def export_model(model: MultiTaskModel, backbone: Backbone, out: str | Path, fp1
         for graph in head.graphs:
             manifest["graphs"][graph.name] = export_graph(graph, out, fp16_only)
         for name, array in head.arrays.items():
-            np.save(out / f"{name}.npy", array)
+            np.save(out / f"{name}.npy", array)  # inside the temporary folder: swapped in whole
             manifest["files"][f"{name}.npy"] = sha256(out / f"{name}.npy")
         for name, document in head.documents.items():
             (out / f"{name}.json").write_text(json.dumps(document, indent=1))
@@ -333,12 +336,12 @@ def export_model(model: MultiTaskModel, backbone: Backbone, out: str | Path, fp1
                     manifest["files"][str(path.relative_to(out))] = sha256(path)
         manifest["tasks"][task] = {"graphs": [g.name for g in head.graphs], **head.meta}
     manifest["files"][manifest["tokenizer"]["bpe_file"]] = manifest["tokenizer"]["bpe_sha256"]
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: a folder without it is unfinished
     return manifest
 
 
 def export_pretrained(name: str, pretrained: str | None, out: str | Path, fp16: bool = False, int8: bool = False,
-                      model_config_dir: str = "configs/models") -> dict[str, Any]:
+                      model_config_dir: str = "configs/models", overwrite: bool = False) -> dict[str, Any]:
     """Export a plain open_clip model (name + pretrained tag or checkpoint file), no training run: the towers
     only, e.g. to extract features with a released model."""
     from training.config import ModelConfig
@@ -346,11 +349,13 @@ def export_pretrained(name: str, pretrained: str | None, out: str | Path, fp16: 
 
     backbone = create_backbone(ModelConfig(name=name, pretrained=pretrained, model_config_dir=model_config_dir))
     model = MultiTaskModel(backbone.model, {}, {}).eval()
-    return export_model(model, backbone, out, fp16, int8, model_name=name, source=f"open_clip:{name}:{pretrained}")
+    return export_model(model, backbone, out, fp16, int8, model_name=name, source=f"open_clip:{name}:{pretrained}",
+                        overwrite=overwrite)
 
 
-def export_run(run_dir: str | Path, out: str | Path, fp16: bool = False, int8: bool = False) -> dict[str, Any]:
+def export_run(run_dir: str | Path, out: str | Path, fp16: bool = False, int8: bool = False,
+               overwrite: bool = False) -> dict[str, Any]:
     """Export a finished training run (``runs/<name>``); see :func:`export_model`."""
     model, backbone, raw = load_run(run_dir)
     return export_model(model, backbone, out, fp16, int8, model_name=raw["model"]["name"],
-                        source=str(Path(run_dir).resolve()))
+                        source=str(Path(run_dir).resolve()), overwrite=overwrite)
