@@ -7,9 +7,10 @@
     python launch/extract.py --run runs/x --shards 'data/big/shard-{000000..000999}.tar' --out feats/big --address auto
     ray job submit --working-dir . -- python launch/extract.py --run /abs/runs/x --shards /abs/data --out /abs/feats
 
-Writes ``<out>/parts/<shard>.parquet`` (key + one column per embedding) with a ``.done.json`` marker each,
-and ``<out>/manifest.json`` (model, config and weights hashes, counts, skipped records). A rerun skips
-finished shards.
+Writes ``<out>/job.json`` first (the model this folder's embeddings come from), ``<out>/parts/<shard>.parquet``
+(key + one column per embedding) with a ``.done.json`` marker each (the model's key and the input shard's
+size and mtime), and ``<out>/manifest.json`` (model, config and weights hashes, counts, skipped records). A
+rerun skips shards finished by the same model from the same input; another model's folder is refused.
 """
 from __future__ import annotations
 

@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--columns", nargs="+", default=["image_embedding"], help="query columns of the extraction")
     parser.add_argument("--corpus", required=True, help="one text per line, CSV or JSONL")
     parser.add_argument("--text-column", default="text", help="text column of a CSV / JSONL corpus")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="a new or empty folder, or an earlier search's (search.json)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty folder that is not a search output (only this tool's files change)")
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--index", choices=INDEX_KINDS, default="exact")
     parser.add_argument("--nprobe", type=int, default=16)
@@ -56,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                             index=IndexOptions(kind=args.index, nprobe=args.nprobe, ef_search=args.ef_search))
     try:
         manifest = search_extraction(args.queries, args.corpus, args.out, encoder,
-                                     args.columns, options, args.text_column)
-    except (FileNotFoundError, ValueError) as err:
+                                     args.columns, options, args.text_column, args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({k: manifest[k] for k in ("columns", "k", "index", "recall_at_k", "queries",

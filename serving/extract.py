@@ -13,6 +13,12 @@ The pipeline is Ray Data end to end:
 3. the driver groups the embedded rows by shard and writes ``parts/<shard>.parquet`` plus a
    ``parts/<shard>.done.json`` marker as soon as a shard is complete, so a rerun skips finished shards.
 
+Nothing mixed: ``job.json`` (written before any work) names the model whose embeddings the folder
+holds, and every marker records that model's key and the input shard's size and mtime; a rerun with
+another model is refused (``--overwrite`` clears this tool's parts), a shard regenerated in place is
+embedded again, and a non-empty folder this tool did not write is never used. Markers and the
+manifest are written atomically (``shards.atomic``).
+
 This module imports no torch; ray, pyarrow and onnxruntime are imported inside functions.
 """
 from __future__ import annotations
@@ -29,8 +35,11 @@ from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
+from shards.atomic import read_json, write_json
+
 LOGGER = logging.getLogger("multiclip.extract")
 MANIFEST = "manifest.json"
+JOB = "job.json"  # written first: whose embeddings this folder holds
 PARTS = "parts"
 ROW_COLUMNS = ("shard", "key", "valid", "last", "shard_rows", "skipped")
 ROOT = Path(__file__).resolve().parents[1]
@@ -320,9 +329,40 @@ def part_name(url: str) -> str:
     return f"{path.stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
 
 
-def is_done(out_dir: Path, url: str) -> bool:
+def encoder_key(identity: dict[str, Any]) -> str:
+    """What makes two extractions' embeddings comparable: backend, config and weights (a short hash)."""
+    fields = {k: identity.get(k) for k in ("backend", "config_sha256", "weights_sha256")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shard_identity(url: str) -> dict[str, int]:
+    """The input shard as it was read: a shard regenerated in place (new size or mtime) is embedded again."""
+    stat = os.stat(url)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def read_marker(out_dir: Path, url: str) -> dict[str, Any] | None:
+    """A shard's ``.done.json`` when it and its part exist and the marker is whole; else None (redo it)."""
     name = part_name(url)
-    return (out_dir / PARTS / f"{name}.done.json").is_file() and (out_dir / PARTS / f"{name}.parquet").is_file()
+    marker, part = out_dir / PARTS / f"{name}.done.json", out_dir / PARTS / f"{name}.parquet"
+    if not (marker.is_file() and part.is_file()):
+        return None
+    try:
+        return read_json(marker, "a shard marker")
+    except ValueError as err:
+        LOGGER.warning("%s; the shard is embedded again", err)
+        return None
+
+
+def is_done(out_dir: Path, url: str, key: str | None = None) -> bool:
+    """Finished by the encoder ``key`` (any, when None) from the shard as it is now."""
+    marker = read_marker(out_dir, url)
+    if marker is None:
+        return False
+    if key is not None and marker.get("encoder") != key:
+        raise ValueError(f"{out_dir / PARTS / part_name(url)}.done.json was written by another model "
+                         f"(encoder {marker.get('encoder')}, this one {key}); use another --out or --overwrite")
+    return marker.get("input") == shard_identity(url)
 
 
 def tensor_array(values: np.ndarray):
@@ -350,8 +390,11 @@ def tensor_column(column) -> np.ndarray:
 class ShardCollector:
     """Gathers embedded rows per shard and writes each shard's Parquet + marker once all rows arrived."""
 
-    def __init__(self, out_dir: Path, total_shards: int, already_done: int):
-        self.out_dir = out_dir
+    def __init__(self, out_dir: Path, total_shards: int, already_done: int, encoder: str = "",
+                 inputs: dict[str, dict[str, int]] | None = None):
+        """``encoder``: the encoder key each marker records; ``inputs``: each shard's identity taken before
+        it was read (a shard changed meanwhile then no longer matches, and is embedded again next time)."""
+        self.out_dir, self.encoder, self.inputs = out_dir, encoder, inputs or {}
         (out_dir / PARTS).mkdir(parents=True, exist_ok=True)
         self.pending: dict[str, dict[str, Any]] = {}
         self.total_shards, self.done = total_shards, already_done
@@ -365,7 +408,8 @@ class ShardCollector:
         shards = batch["shard"]
         for url in np.unique(shards):
             rows = shards == url
-            entry = self.pending.setdefault(str(url), {"parts": [], "rows": 0, "expected": None, "skipped": []})
+            entry = self.pending.setdefault(str(url), {"parts": [], "rows": 0, "expected": None, "skipped": [],
+                                                       "input": self.inputs.get(str(url))})
             valid = rows & batch["valid"].astype(bool)
             if valid.any():
                 entry["parts"].append({k: v[valid] for k, v in batch.items() if k not in ROW_COLUMNS or k == "key"})
@@ -389,8 +433,9 @@ class ShardCollector:
         tmp = target.with_suffix(".parquet.tmp")
         pq.write_table(pa.table(columns), tmp)
         tmp.replace(target)
-        marker = {"shard": url, "rows": entry["rows"], "skipped": entry["skipped"]}
-        (self.out_dir / PARTS / f"{name}.done.json").write_text(json.dumps(marker, indent=1))
+        marker = {"shard": url, "rows": entry["rows"], "skipped": entry["skipped"], "encoder": self.encoder,
+                  "input": entry["input"]}
+        write_json(self.out_dir / PARTS / f"{name}.done.json", marker)
         self.done += 1
         self.embedded += entry["rows"]
         self.skipped += entry["skipped"]
@@ -439,20 +484,25 @@ def default_actors(options: ExtractOptions) -> int:
     return max(1, int((cpus - options.preprocess_cpus) // options.actor_cpus))
 
 
-def check_manifest(out_dir: Path, identity: dict[str, Any], overwrite: bool) -> None:
-    """Resuming is only safe with the same model: refuse to mix embeddings of two models."""
-    path = out_dir / MANIFEST
-    if not path.is_file():
-        return
-    old = json.loads(path.read_text()).get("encoder", {})
-    same = all(old.get(k) == identity[k] for k in ("config_sha256", "weights_sha256", "backend"))
-    if same:
-        return
-    if not overwrite:
-        raise ValueError(f"{out_dir} holds embeddings of another model ({old.get('run') or old.get('export')}, weights "
-                         f"{str(old.get('weights_sha256'))[:12]}); use another --out or --overwrite")
-    for p in (out_dir / PARTS).glob("*"):
-        p.unlink()
+def claim_output(out_dir: Path, identity: dict[str, Any], overwrite: bool) -> None:
+    """Make ``out_dir`` this extraction's, before any work: ``job.json`` names the model whose embeddings
+    the folder holds. Resuming is only safe with the same model, so another model's folder is refused
+    (``--overwrite`` clears the parts this tool wrote), and a non-empty folder this tool did not write is
+    never used or deleted."""
+    job = out_dir / JOB
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not job.is_file():
+        raise FileExistsError(f"{out_dir}: not empty and has no {JOB} (not an extraction output); choose another --out")
+    if job.is_file():
+        old = read_json(job, "the extraction's job file").get("encoder", {})
+        if encoder_key(old) != encoder_key(identity):
+            if not overwrite:
+                raise ValueError(f"{out_dir} holds embeddings of another model ({old.get('run') or old.get('export')}, "
+                                 f"weights {str(old.get('weights_sha256'))[:12]}); use another --out or --overwrite")
+            for p in (out_dir / PARTS).glob("*"):
+                p.unlink()
+            (out_dir / MANIFEST).unlink(missing_ok=True)
+    (out_dir / PARTS).mkdir(parents=True, exist_ok=True)
+    write_json(job, {"encoder": identity, "key": encoder_key(identity)})
 
 
 def extract(shards: str | list[str], out_dir: str | Path, encoder: EncoderSpec,
@@ -468,12 +518,13 @@ def extract(shards: str | list[str], out_dir: str | Path, encoder: EncoderSpec,
     out_dir = Path(out_dir)
     urls = [str(Path(u).resolve()) for u in expand_urls(shards)]
     identity = encoder.describe()
-    check_manifest(out_dir, identity, options.overwrite)
-    todo = [u for u in urls if not is_done(out_dir, u)]
+    claim_output(out_dir, identity, options.overwrite)
+    key = encoder_key(identity)
+    todo = [u for u in urls if not is_done(out_dir, u, key)]
     actors = options.actors or default_actors(options)
     LOGGER.info("%d shards, %d already done, %d to embed with %d actor(s)", len(urls), len(urls) - len(todo),
                 len(todo), actors)
-    collector = ShardCollector(out_dir, len(urls), len(urls) - len(todo))
+    collector = ShardCollector(out_dir, len(urls), len(urls) - len(todo), key, {u: shard_identity(u) for u in todo})
     started = time.perf_counter()
     if todo:
         ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
@@ -496,8 +547,7 @@ def extract(shards: str | list[str], out_dir: str | Path, encoder: EncoderSpec,
 def write_manifest(out_dir: Path, urls: list[str], identity: dict[str, Any], encoder: EncoderSpec,
                    options: ExtractOptions, actors: int, collector: ShardCollector, elapsed: float) -> dict[str, Any]:
     """Totals over every completed shard (this run and earlier ones)."""
-    markers = [json.loads((out_dir / PARTS / f"{part_name(u)}.done.json").read_text()) for u in urls
-               if is_done(out_dir, u)]
+    markers = [read_marker(out_dir, u) for u in urls if is_done(out_dir, u)]
     skipped = [r for m in markers for r in m["skipped"]]
     by_reason: dict[str, int] = {}
     for record in skipped:
@@ -513,7 +563,7 @@ def write_manifest(out_dir: Path, urls: list[str], identity: dict[str, Any], enc
                      "options": asdict(options)},
         "parts": [f"{PARTS}/{part_name(u)}.parquet" for u in urls],
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_json(out_dir / MANIFEST, manifest)
     return manifest
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,11 +35,14 @@ from typing import Any
 
 import numpy as np
 
-from shards.corpus import read_corpus
 from serving.extract import MANIFEST, EncoderSpec, tensor_array, tensor_column
+from shards.atomic import replacing_dir, save_npy, write_json
+from shards.corpus import read_corpus
 
 LOGGER = logging.getLogger("multiclip.search")
 RESULTS = "results"
+SEARCH_MARKER = "search.json"  # written first: this folder is a knowledge-search output
+RESULTS_MARKER = ".multiclip-search-results"  # inside results/: the parts there are this tool's
 CORPUS_EMBEDDINGS = "corpus_embeddings.npy"
 CORPUS_KEY = "corpus_embeddings.key.json"  # what the embeddings were made from: corpus sha256 + text-tower fingerprint
 INDEX_KINDS = ("exact", "flat", "ivf", "hnsw")
@@ -391,7 +393,7 @@ def measure_recall(corpus: np.ndarray, queries: np.ndarray, index, options: Sear
 
 def search_extraction(extraction: str | Path, corpus_path: str | Path, out_dir: str | Path, encoder: EncoderSpec,
                       columns: list[str], options: SearchOptions = SearchOptions(),
-                      text_column: str = "text") -> dict[str, Any]:
+                      text_column: str = "text", overwrite: bool = False) -> dict[str, Any]:
     """Top-k corpus texts for every query column of an extraction output; returns the manifest.
 
     Args:
@@ -402,6 +404,7 @@ def search_extraction(extraction: str | Path, corpus_path: str | Path, out_dir: 
             the spec the extraction used); corpus embeddings are reused from ``out_dir`` when corpus and
             text tower (:meth:`EncoderSpec.text_fingerprint`) are unchanged.
         columns: query columns of the extraction ([..., D] each).
+        overwrite: write into a non-empty folder that is not a search output (see :func:`claim_search_output`).
 
     Returns:
         The manifest written to ``<out_dir>/manifest.json``.
@@ -424,24 +427,23 @@ def search_extraction(extraction: str | Path, corpus_path: str | Path, out_dir: 
     tower = encoder.text_fingerprint()
     key = {"corpus_sha256": hashlib.sha256(Path(corpus_path).read_bytes()).hexdigest(), "text_column": text_column,
            "text_fingerprint": tower}
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_search_output(out_dir, extraction, overwrite)
     corpus = cached_corpus(out_dir, key)
     reused = corpus is not None
     if corpus is None:
         corpus = embed_corpus(encoder, texts, options)
-        np.save(out_dir / CORPUS_EMBEDDINGS, corpus)
-        (out_dir / CORPUS_KEY).write_text(json.dumps(key, indent=1))
+        save_npy(out_dir / CORPUS_EMBEDDINGS, corpus)
+        write_json(out_dir / CORPUS_KEY, key)
     embedded = time.perf_counter()
     LOGGER.info("corpus: %d texts %s in %.1f s", len(texts), "reused" if reused else "embedded", embedded - started)
     index = build_index(corpus, options.index) if options.index.kind != "exact" else None
     parts = [str(extraction / p) for p in extracted["parts"]]
-    if (out_dir / RESULTS).exists():
-        shutil.rmtree(out_dir / RESULTS)
-    (out_dir / RESULTS).mkdir(parents=True)
     ds = ray.data.from_arrow(query_tables(parts, columns))
-    for i, batch in enumerate(search_dataset(ds, corpus, columns, options, index).iter_batches(
-            batch_size=None, batch_format="pyarrow")):
-        pq.write_table(batch, out_dir / RESULTS / f"part-{i:05d}.parquet")
+    with replacing_dir(out_dir / RESULTS, RESULTS_MARKER, overwrite=True) as results:  # swapped in whole
+        for i, batch in enumerate(search_dataset(ds, corpus, columns, options, index).iter_batches(
+                batch_size=None, batch_format="pyarrow")):
+            pq.write_table(batch, results / f"part-{i:05d}.parquet")
+        (results / RESULTS_MARKER).write_text("written by serving.search\n")
     seconds = time.perf_counter() - embedded
     queries = sum(int(np.prod(extracted["columns"][c][:-1] or [1])) for c in columns) * extracted["samples"]
     manifest = {
@@ -458,8 +460,27 @@ def search_extraction(extraction: str | Path, corpus_path: str | Path, out_dir: 
         "queries_per_s": round(queries / seconds, 1) if seconds > 0 else None,
         "corpus_embed_seconds": round(embedded - started, 2),
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_json(out_dir / MANIFEST, manifest)
     return manifest
+
+
+def claim_search_output(out_dir: Path, extraction: Path, overwrite: bool) -> None:
+    """Make ``out_dir`` this search's (``search.json``) before any work. The extraction's own folder is
+    refused (its manifest would be overwritten), and so is a non-empty folder without ``search.json``
+    unless ``overwrite``; even then only this tool's files are replaced (``results/`` must carry the
+    results marker), nothing else is deleted."""
+    if out_dir.resolve() == extraction.resolve():
+        raise ValueError(f"--out {out_dir} is the extraction folder (--queries): its manifest would be overwritten; "
+                         "write the search elsewhere")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / SEARCH_MARKER).is_file() and not overwrite:
+        raise FileExistsError(f"{out_dir}: not empty and has no {SEARCH_MARKER} (not a search output); choose another "
+                              "--out, or --overwrite to write this tool's files into it")
+    results = out_dir / RESULTS
+    if results.is_dir() and any(results.iterdir()) and not (results / RESULTS_MARKER).is_file():
+        raise FileExistsError(f"{results}: exists, is not empty and has no {RESULTS_MARKER} (not written by this "
+                              "tool); choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / SEARCH_MARKER, {"written_by": "serving.search", "extraction": str(extraction.resolve())})
 
 
 def query_tables(parts: list[str], columns: list[str]) -> list:

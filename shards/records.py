@@ -7,7 +7,6 @@ it, writes the shards and counts the rest by reason in ``summary.json``.
 from __future__ import annotations
 
 import io
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, Iterator
 from PIL import Image
 
 from shards.members import IMAGE_MEMBERS, WRITTEN_IMAGE_MEMBERS
+from shards.atomic import write_json
 from shards.writer import ShardSetWriter
 
 LOGGER = logging.getLogger("multiclip.shards")
@@ -80,12 +80,26 @@ def read_verified_image(path: Path) -> bytes:
         data = path.read_bytes()
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise SkipRecord("missing_image", f"{path}: {exc}") from exc
+    except OSError as exc:  # a directory named x.jpg, a broken symlink loop, no permission
+        raise SkipRecord("unreadable_image", f"{path}: {exc}") from exc
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise SkipRecord("corrupt_image", f"{path}: {exc}") from exc
     return data
+
+
+def confined_path(root: Path, name: str, allow_outside: bool = False) -> Path:
+    """``root / name``, refused (SkipRecord ``outside_images_root``) when ``name`` is absolute or climbs out
+    of ``root`` through ``..`` or a symlink: metadata must not make a converter read any file it names."""
+    path = root / name
+    if allow_outside:
+        return path
+    resolved_root = root.resolve()
+    if Path(name).is_absolute() or not path.resolve().is_relative_to(resolved_root):
+        raise SkipRecord("outside_images_root", f"{name!r} is outside {root} (pass --allow-outside-images to permit)")
+    return path
 
 
 def load_record(record: SourceRecord | SkipRecord) -> tuple[str, bytes]:
@@ -117,5 +131,5 @@ def write_records(
             writer.write(f"{summary.written:09d}", {extension: data}, sample_meta(record))
             summary.written += 1
     result = summary.as_dict()
-    (out / SUMMARY_FILE).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / SUMMARY_FILE, result, indent=2)  # only for a finished set (the writer's exit succeeded)
     return result

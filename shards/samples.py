@@ -30,6 +30,11 @@ LOGGER = logging.getLogger("multiclip.shards")
 SKIP_REASONS = ("corrupt_tar", "bad_image", "bad_json", "map_error", "missing_image", "missing_json")
 # The index ShardSetWriter writes beside the shards (shards.writer imports webdataset, so not from there).
 SIZES_FILE = "sizes.json"
+INCOMPLETE_FILE = "INCOMPLETE"  # present while (or because) a split's writing did not finish
+
+
+class UnfinishedShardSet(ValueError):
+    """A split whose writer never finished (killed, interrupted, failed): reading it would lose samples."""
 
 MapFn = Callable[[dict[str, Any]], Any]
 
@@ -43,7 +48,18 @@ def expand_urls(spec: str | os.PathLike[str] | Iterable[str | os.PathLike[str]])
     urls: list[str] = []
     for one in specs:
         urls.extend(_expand_one(os.fspath(one)))
+    for folder in sorted({os.path.dirname(os.path.abspath(u)) for u in urls}):
+        check_finished(folder)
     return urls
+
+
+def check_finished(folder: str | Path) -> None:
+    """Refuse a split with an ``INCOMPLETE`` marker (shards.writer leaves it until the set is whole)."""
+    marker = Path(folder) / INCOMPLETE_FILE
+    if marker.is_file():
+        why = marker.read_text(encoding="utf-8", errors="replace").strip()
+        raise UnfinishedShardSet(f"{folder}: an unfinished shard set ({INCOMPLETE_FILE}: {why}); run the conversion "
+                                 "again (with --overwrite) before reading it")
 
 
 def _has_glob(spec: str) -> bool:
@@ -385,7 +401,10 @@ def check_enough_shards(num_shards: int, world_size: int, num_workers: int, resa
 
 
 __all__ = [
+    "INCOMPLETE_FILE",
     "SIZES_FILE",
+    "UnfinishedShardSet",
+    "check_finished",
     "SKIP_REASONS",
     "SampleError",
     "ShardSizes",

@@ -1,4 +1,9 @@
-"""Writing one split of WebDataset shards plus the sizes.json index the loaders rely on."""
+"""Writing one split of WebDataset shards plus the sizes.json index the loaders rely on.
+
+A split being written carries an ``INCOMPLETE`` marker from its first byte to the end: it is removed
+only after the last shard is closed and sizes.json is written (atomically), so an interrupted or failed
+conversion leaves a set that every reader refuses, naming the folder, instead of a valid-looking part.
+"""
 from __future__ import annotations
 
 import io
@@ -12,7 +17,9 @@ from PIL import Image
 
 from shards.members import WRITTEN_IMAGE_MEMBERS as IMAGE_EXTENSIONS
 from shards.members import is_written_image_member
-from shards.samples import SIZES_FILE
+from shards.atomic import write_json, write_text
+from shards.samples import INCOMPLETE_FILE, SIZES_FILE
+
 SHARD_PATTERN = "shard-%06d.tar"
 SHARD_GLOB = "shard-*.tar"
 # Fixed member mtime: the same samples always give byte-identical tars.
@@ -65,6 +72,7 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     for path in stale:
         path.unlink()
     (out_dir / SIZES_FILE).unlink(missing_ok=True)
+    write_text(out_dir / INCOMPLETE_FILE, "being written by shards.writer: not a finished shard set\n")
 
 
 class ShardSetWriter:
@@ -107,13 +115,21 @@ class ShardSetWriter:
         return sum(self.sizes.values())
 
     def close(self) -> dict[str, Any]:
-        """Finish the last shard and write sizes.json; returns its content."""
+        """Finish the last shard, write sizes.json and clear the INCOMPLETE marker; returns the sizes."""
         if not self._closed:
             self._writer.close()
             self._closed = True
             self._drop_empty_first_shard()
             write_sizes(self.out_dir, self.sizes)
+            (self.out_dir / INCOMPLETE_FILE).unlink(missing_ok=True)
         return sizes_document(self.sizes)
+
+    def abandon(self, reason: str) -> None:
+        """Close the tar files but leave the set marked unfinished (no sizes.json), saying why."""
+        if not self._closed:
+            self._writer.close()
+            self._closed = True
+            write_text(self.out_dir / INCOMPLETE_FILE, f"interrupted: {reason}\n")
 
     def _drop_empty_first_shard(self) -> None:
         """ShardWriter opens its first tar eagerly; an empty split should hold no shard at all."""
@@ -126,7 +142,10 @@ class ShardSetWriter:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close()
+        if exc_type is None:
+            self.close()
+        else:  # Ctrl-C or a failure: never a sizes.json for a part of the set
+            self.abandon(f"{exc_type.__name__}: {exc}")
 
 
 def sizes_document(sizes: dict[str, int]) -> dict[str, Any]:
@@ -136,5 +155,4 @@ def sizes_document(sizes: dict[str, int]) -> dict[str, Any]:
 
 def write_sizes(out_dir: Path, sizes: dict[str, int]) -> None:
     """Index a split so sample counts need no pass over the tars."""
-    path = Path(out_dir) / SIZES_FILE
-    path.write_text(json.dumps(sizes_document(sizes), indent=2) + "\n")
+    write_json(Path(out_dir) / SIZES_FILE, sizes_document(sizes), indent=2)

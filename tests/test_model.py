@@ -71,3 +71,24 @@ def test_init_weights_take_the_backbone_of_another_tasks_run(tmp_path):
     clash = MultiTaskModel(create_backbone(_tiny()).model, {"a": torch.nn.Linear(4, 2)}, {"a": 1.0})
     with pytest.raises(RuntimeError, match="size mismatch"):
         load_weights(clash, path, allow_missing_heads=True)
+
+
+def test_weights_must_match_shapes_exactly_not_just_element_counts(tmp_path):
+    """A [2, 6] tensor never loads into a [4, 3] parameter; only scalars may change shape ([] <-> [1])."""
+    import pytest
+
+    from training.config import ConfigError
+    from training.evaluation import load_weights
+
+    register_model_configs(ROOT / "configs" / "models")
+    backbone = create_backbone(ModelConfig(name="tiny-vit", model_config_dir=str(ROOT / "configs" / "models")))
+    model = MultiTaskModel(backbone.model, {}, {})
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    name = next(k for k, v in state.items() if v.ndim == 2 and v.shape[0] != v.shape[1])
+    state["backbone.logit_scale"] = state["backbone.logit_scale"].reshape(1)  # promoted scalar: fine
+    save_file(state, str(tmp_path / "ok.safetensors"))
+    load_weights(model, tmp_path / "ok.safetensors")
+    state[name] = state[name].reshape(state[name].shape[1], state[name].shape[0])  # same count, other shape
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ConfigError, match=f"shape mismatch.*{name}"):
+        load_weights(model, tmp_path / "bad.safetensors")

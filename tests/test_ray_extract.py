@@ -138,6 +138,36 @@ def test_job_extracts_resumes_and_matches_in_process(geo_run, ray_cluster, tmp_p
     assert kept.stat().st_mtime_ns == kept_mtime
 
 
+def nothing_mixed(shard_dir: Path, tmp_path: Path, spec, other_spec) -> None:
+    """A killed run resumed with another model is refused; a shard regenerated in place is embedded again;
+    a folder the job did not write is neither used nor deleted (runs inside an initialised Ray)."""
+    import shutil
+
+    from serving.extract import MANIFEST, PARTS, ExtractOptions, extract, part_name
+
+    data, out = tmp_path / "mixed_data", tmp_path / "mixed"
+    shutil.copytree(shard_dir, data)
+    first = extract(str(data), out, spec, ExtractOptions(actors=1, batch_size=32))
+    shards = sorted(data.glob("*.tar"))
+    (out / MANIFEST).unlink()  # killed before the end: the manifest was never written, two shards not finished
+    for url in shards[:2]:
+        (out / PARTS / f"{part_name(str(url))}.done.json").unlink()
+    with pytest.raises(ValueError, match="another model"):
+        extract(str(data), out, other_spec, ExtractOptions(actors=1))
+    resumed = extract(str(data), out, spec, ExtractOptions(actors=1, batch_size=32))
+    assert resumed["samples"] == first["samples"] and resumed["this_run"]["embedded"] == 40 + 40
+    assert len(shards) == 3
+    shards[-1].write_bytes(shards[-1].read_bytes())  # regenerated in place: same name, new mtime
+    again = extract(str(data), out, spec, ExtractOptions(actors=1, batch_size=32))
+    assert again["this_run"]["embedded"] == 40 and again["samples"] == first["samples"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an extraction output"):
+        extract(str(data), foreign, spec, ExtractOptions(actors=1))
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
 def test_onnx_actors_embed_like_the_torch_run_and_need_no_torch(geo_run, tmp_path):
     """The Ray job on the exported model (fp32 and int8 towers) against training's own encode, in process."""
     import ray
@@ -158,6 +188,7 @@ def test_onnx_actors_embed_like_the_torch_run_and_need_no_torch(geo_run, tmp_pat
         with pytest.raises(ValueError, match="another model"):  # int8 outputs never join fp32 ones
             extract(str(shards / "val"), tmp_path / "fp32", EncoderSpec("onnx", str(export), int8=True),
                     ExtractOptions(actors=1))
+        nothing_mixed(shards / "val", tmp_path, EncoderSpec("onnx", str(export)), EncoderSpec("onnx", str(export), int8=True))
     finally:
         ray.shutdown()
     assert fp32["encoder"]["backend"] == "onnx" and int8["encoder"]["backend"] == "onnx-int8"

@@ -143,6 +143,20 @@ def test_search_on_the_export_equals_in_process_knowledge_search(geo_export, loc
     assert {k: v[0].tolist() for k, v in read_results(out, "image_embedding").items()} == first
     corpus = torch.from_numpy(corpus)
 
+    # never run over what it did not write: the extraction folder itself, a foreign folder, a foreign results/
+    extraction_manifest = (feats / "manifest.json").read_bytes()
+    with pytest.raises(ValueError, match="is the extraction folder"):
+        search_extraction(feats, shards / "knowledge.txt", feats, encoder, ["image_embedding"])
+    assert (feats / "manifest.json").read_bytes() == extraction_manifest
+    foreign = tmp_path / "foreign"
+    (foreign / "results").mkdir(parents=True)
+    (foreign / "results" / "mine.parquet").write_text("not the search's")
+    with pytest.raises(FileExistsError, match="not a search output"):
+        search_extraction(feats, shards / "knowledge.txt", foreign, encoder, ["image_embedding"])
+    with pytest.raises(FileExistsError, match="not written by this tool"):  # even with --overwrite
+        search_extraction(feats, shards / "knowledge.txt", foreign, encoder, ["image_embedding"], overwrite=True)
+    assert (foreign / "results" / "mine.parquet").read_text() == "not the search's"
+
     # FAISS: a flat index searched by the Ray actors finds the exact neighbours; IVF reports its recall
     import ray
 

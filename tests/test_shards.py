@@ -568,7 +568,7 @@ def test_synth_registry_rejects_duplicates_and_names_the_known_tasks() -> None:
         synth.register_synth("not_a_task", object())
     assert synth.list_synth() == known
     assert synth.get_synth("meme").run_options(Path("d")) == {"bert": str(Path("d") / "bert-tiny")}
-    assert synth.get_synth("retrieval").run_options is None
+    assert synth.get_synth("retrieval").run_options(Path("d"))["classnames"]  # zero-shot classes: every label it draws
     with pytest.raises(SystemExit):  # the CLI names no default task
         synth.parse_args(["--out", "unused"])
 
@@ -598,3 +598,61 @@ def test_plugins_register_synth_tasks_and_converters(tmp_path: Path) -> None:
            "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parents[1])])}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert "'my_task'" in result.stdout and "'my_format'" in result.stdout
+
+
+def test_an_interrupted_write_leaves_a_set_every_reader_refuses(tmp_path):
+    """Ctrl-C (or any failure) while writing: the tars are closed, but no sizes.json or summary.json is
+    written and the INCOMPLETE marker stays, so the readers refuse the folder by name."""
+    from shards.records import SourceRecord, write_records
+    from shards.samples import INCOMPLETE_FILE, UnfinishedShardSet, expand_urls
+    from shards.writer import ShardSetWriter
+    from serving.items import shard_items
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(image)
+
+    def records():
+        for i in range(5):
+            yield SourceRecord(image, f"a{i}.png", "a square", "square", task="retrieval")
+        raise KeyboardInterrupt("Ctrl-C")
+
+    out = tmp_path / "split"
+    with pytest.raises(KeyboardInterrupt):
+        write_records(records(), out, shard_size=2, overwrite=False)
+    assert (out / INCOMPLETE_FILE).is_file() and "KeyboardInterrupt" in (out / INCOMPLETE_FILE).read_text()
+    assert not (out / "sizes.json").exists() and not (out / "summary.json").exists()
+    assert len(list(out.glob("*.tar"))) == 3  # what was written stays, for inspection
+    for read in (lambda: expand_urls(str(out)), lambda: list(shard_items(str(out))),
+                 lambda: expand_urls(str(out / "shard-{000000..000002}.tar"))):
+        with pytest.raises(UnfinishedShardSet, match=f"{out}: an unfinished shard set"):
+            read()
+    with ShardSetWriter(out, 2, overwrite=True) as writer:  # rewritten: whole again
+        writer.write("k0", {"png": image.read_bytes()}, {"caption": "a square"})
+    assert not (out / INCOMPLETE_FILE).exists() and expand_urls(str(out))
+
+
+def test_captions_bad_rows_are_counted_by_reason_never_a_traceback(tmp_path):
+    """A non-UTF-8 row, a directory named like an image, and paths that leave --images-root are counted
+    (with their line) and skipped; the rest of the table is written and summary.json says so."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(root / "ok.png")
+    (root / "folder.jpg").mkdir()
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(secret)
+    table = tmp_path / "pairs.csv"
+    table.write_bytes(b"image,caption\n"
+                      b"ok.png,a red square\n"
+                      b"ok.png,caf\xe9 latin-1\n"           # not UTF-8
+                      b"folder.jpg,a directory\n"
+                      b"../secret.png,climbs out\n"
+                      + f"{secret},absolute\n".encode()
+                      + b"ok.png,again\n")
+    summary = convert_captions(table, tmp_path / "out", images_root=root)
+    assert summary["written"] == 2 and summary["read"] == 6
+    assert summary["skipped"] == {"bad_row": 1, "unreadable_image": 1, "outside_images_root": 2}
+    sources = [json.loads(s["json"])["source"] for s in wds.WebDataset(str(tmp_path / "out" / "shard-000000.tar"),
+                                                                       shardshuffle=False)]
+    assert sources == ["ok.png", "ok.png"]  # relative, never an absolute path
+    allowed = convert_captions(table, tmp_path / "out2", images_root=root, allow_outside_images=True)
+    assert allowed["written"] == 4

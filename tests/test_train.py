@@ -81,6 +81,30 @@ def test_resume_with_another_model_is_refused(retrieval_shards, tmp_path):
     assert "was trained with model" in proc.stderr
 
 
+class _Planted:
+    """Unpickling this runs code (touches a file): what a tampered checkpoint could carry."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_resume_never_runs_a_payload_planted_in_a_checkpoint(retrieval_shards, tmp_path):
+    run = tmp_path / "run"
+    raw = tiny_config(retrieval_shards, run, optim={"max_steps": 2}, schedule={"checkpoint_every": 2})
+    config = _write_config(tmp_path, raw)
+    assert _train(config).returncode == 0
+    states = run / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt"
+    marker = tmp_path / "payload_ran"
+    checkpoint = torch.load(states, map_location="cpu", weights_only=True)
+    torch.save({**checkpoint, "planted": _Planted(str(marker))}, states)
+    proc = _train(config, "--resume", "optim.max_steps=3")
+    assert proc.returncode != 0 and "Weights only load failed" in proc.stderr, proc.stderr[-2000:]
+    assert not marker.exists(), "the planted payload ran on --resume"
+
+
 def test_bad_input_stops_before_work(retrieval_shards, tmp_path):
     raw = tiny_config(retrieval_shards, tmp_path / "run", data={"train": str(tmp_path / "none-{000..003}.tar")})
     proc = _train(_write_config(tmp_path, raw))

@@ -9,10 +9,11 @@ always has it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -73,15 +74,42 @@ def _prune(ckpt_dir: Path, keep: int) -> None:
         shutil.rmtree(ckpt_dir / name, ignore_errors=True)
 
 
-def consolidated_state_dict(ckpt_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from a checkpoint of any ZeRO stage (call on one rank)."""
-    if zero_stage == 0:
-        states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=False)
-        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def _deepspeed_safe_globals() -> list[Any]:
+    """The few non-tensor types DeepSpeed 0.19 pickles into its optimizer states (found by loading them)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loading() -> Iterator[None]:
+    """Every ``torch.load`` inside (DeepSpeed's too, which asks for ``weights_only=False``) unpickles
+    tensors and the allow-listed types only, so a payload planted in a checkpoint never runs on --resume."""
+    original = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = original
+
+
+def consolidated_state_dict(ckpt_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a checkpoint of any ZeRO stage (call on one rank); tensors only are unpickled."""
+    with weights_only_loading():
+        if zero_stage == 0:
+            states = torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu")
+            return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
 
 
 def write_final(state_dict: dict[str, torch.Tensor], final_dir: Path, config: dict[str, Any]) -> None:

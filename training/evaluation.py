@@ -48,7 +48,13 @@ def load_weights(model: MultiTaskModel, path: str | Path, allow_missing_heads: b
         raise FileNotFoundError(f"no weights at {path}")
     state = load_file(str(path))
     own = model.state_dict()
-    state = {k: v.reshape(own[k].shape) if k in own and v.numel() == own[k].numel() else v for k, v in state.items()}
+    # only a scalar may change shape ([] <-> [1]: DeepSpeed's promoted logit scales); anything else must match
+    state = {k: v.reshape(own[k].shape) if k in own and v.numel() == own[k].numel() == 1 else v for k, v in state.items()}
+    mismatched = [f"{k}: file {list(v.shape)} vs model {list(own[k].shape)}" for k, v in state.items()
+                  if k in own and v.shape != own[k].shape]
+    if mismatched:
+        raise ConfigError(f"{path} does not fit this config's model ({len(mismatched)} shape mismatch(es), e.g. "
+                          f"{'; '.join(mismatched[:3])}): weights of another model or config?")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if allow_missing_heads:
         missing = [k for k in missing if not k.startswith("heads.")]

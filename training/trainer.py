@@ -106,7 +106,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     step = 0
     if run_state is not None:
-        engine.load_checkpoint(str(ckpt_dir), tag=run_state["tag"])
+        with ckpt.weights_only_loading():  # a pickled payload in a checkpoint must not run
+            engine.load_checkpoint(str(ckpt_dir), tag=run_state["tag"])
         step = run_state["step"]
         log.info("resumed from %s at step %d", ckpt_dir / run_state["tag"], step)
     elif resume:

@@ -5,19 +5,23 @@
 Two annotation layouts, told apart by the file's content:
 
 - training: ``{"sentences": [{"video_id": "123", "caption": "query text"}, ...], "titles": {"123": ["VLM caption"]}}``,
-  one sample per sentence (a meme with several queries gives several samples);
+  one sample per meme id, as the original's loader keeps it: a meme named by several sentences keeps
+  the last one's caption (the earlier ones are counted as ``duplicate_meme_id``);
 - test: ``{"123": {"gt": "query text", "titles": ["VLM caption"]}, ...}``, one sample per meme.
 
-The query becomes the sample's ``caption`` (and ``label``: items with the same query are positives),
-``titles[0]`` its ``context``. The emotions file is a JSON list ``[{"video_id": "123", "emotion":
+The query becomes the sample's ``caption`` (and ``label``: items with exactly the same query string
+are positives), ``titles[0]`` its ``context``; no titles or an empty first title give an empty context
+(kept, as the original keeps it). The emotions file is a JSON list ``[{"video_id": "123", "emotion":
 [{"person_1": "happy"}, {"person_2": "sad"}]}, ...]``; a meme's ``emotions`` are the string values of
-its entries in order, lower-cased (an entry may also be a bare string). A meme without an emotions
-entry gets ``[]`` (the head's BERT then sees an empty text) and is not skipped; the first entry for an
-id wins. The image is ``images/{id}.jpg`` (or ``.jpeg``, ``.png``, ``.webp``).
+its entries in order (an entry may also be a bare string); when an id has several entries the last
+one wins. Nothing is lower-cased or stripped: captions, titles and emotion words are kept as written.
+The image is ``images/{id}.jpg`` (or ``.jpeg``, ``.png``, ``.webp``).
 
-Skipped and counted in summary.json: ``bad_row`` (not an object, no video_id), ``missing_query`` (empty
-caption/gt), ``missing_context`` (no titles or an empty first title), and from ``write_records``
-``missing_image``, ``corrupt_image``, ``unsupported_image``.
+Skipped and counted in summary.json, by reason: ``bad_row`` (not an object, no video_id),
+``duplicate_meme_id`` (a training sentence superseded by a later one for the same meme),
+``missing_query`` (empty caption/gt), ``missing_emotions`` (no entry in the emotions file: the
+original's loader drops such memes), and from ``write_records`` ``missing_image``, ``corrupt_image``,
+``unsupported_image``.
 """
 from __future__ import annotations
 
@@ -58,40 +62,54 @@ def annotation_layout(document: Any, path: Path) -> str:
 
 
 def emotion_words(entries: Any) -> list[str]:
-    """[{"person_1": "happy"}, "sad"] -> ["happy", "sad"]; values that are not text are ignored."""
+    """[{"person_1": "Happy"}, "sad"] -> ["Happy", "sad"] (as written); values that are not text, or blank, are ignored."""
     words: list[str] = []
     for entry in entries if isinstance(entries, list) else []:
         values = entry.values() if isinstance(entry, dict) else [entry]
-        words += [v.strip().lower() for v in values if isinstance(v, str) and v.strip()]
+        words += [v for v in values if isinstance(v, str) and v.strip()]
     return words
 
 
 def read_emotions(path: Path) -> dict[str, list[str]]:
-    """video_id -> emotion words (first entry per id wins)."""
+    """video_id -> emotion words (the last entry for an id wins, as in the original's loader)."""
     document = read_json(path, "emotions")
     if not isinstance(document, list):
         raise ValueError(f"{path}: the emotions file must be a JSON list of {{'video_id', 'emotion'}} objects")
     emotions: dict[str, list[str]] = {}
     for entry in document:
         if isinstance(entry, dict) and entry.get("video_id") is not None:
-            emotions.setdefault(str(entry["video_id"]), emotion_words(entry.get("emotion")))
+            emotions[str(entry["video_id"]).strip()] = emotion_words(entry.get("emotion"))
     return emotions
 
 
 def first_title(titles: Any) -> str:
+    """titles[0] as written; "" when there is none (the meme is kept with an empty context)."""
     if isinstance(titles, list) and titles and isinstance(titles[0], str):
-        return titles[0].strip()
-    return titles.strip() if isinstance(titles, str) else ""
+        return titles[0]
+    return titles if isinstance(titles, str) else ""
 
 
-def annotation_rows(document: Any, layout: str) -> Iterator[tuple[str, Any, str, str]]:
-    """(reference, video_id, query, context) per would-be sample; video_id None for an unusable row."""
+def meme_key(video_id: Any) -> str | None:
+    """The id a meme is known by (None for a row without one)."""
+    if video_id is None or (isinstance(video_id, str) and not video_id.strip()):
+        return None
+    return str(video_id).strip()
+
+
+def annotation_rows(document: Any, layout: str) -> Iterator[tuple[str, Any, Any, str]]:
+    """(reference, video_id, query, context) per would-be sample; video_id None for an unusable row and
+    False for a training sentence superseded by a later one for the same meme (the last caption wins)."""
     if layout == "train":
         titles = document.get("titles", {})
-        for number, sentence in enumerate(document["sentences"], start=1):
-            video_id = sentence.get("video_id") if isinstance(sentence, dict) else None
+        sentences = document["sentences"]
+        ids = [meme_key(s.get("video_id")) if isinstance(s, dict) else None for s in sentences]
+        last = {video_id: i for i, video_id in enumerate(ids) if video_id is not None}
+        for number, (sentence, video_id) in enumerate(zip(sentences, ids), start=1):
+            if video_id is not None and last[video_id] != number - 1:
+                yield f"sentence {number}", False, None, ""
+                continue
             query = sentence.get("caption") if isinstance(sentence, dict) else None
-            context = first_title(titles.get(str(video_id))) if video_id is not None else ""
+            context = first_title(titles.get(video_id)) if video_id is not None else ""
             yield f"sentence {number}", video_id, query, context
     else:
         for video_id, item in document.items():
@@ -111,16 +129,18 @@ def find_image(images: Path, video_id: str) -> Path:
 def meme_record(reference: str, video_id: Any, query: Any, context: str, images: Path,
                 emotions: dict[str, list[str]]) -> SourceRecord | SkipRecord:
     """One annotation to a record; problems become SkipRecords so they are counted, not raised."""
-    if video_id is None or (isinstance(video_id, str) and not video_id.strip()):
+    if video_id is False:
+        return SkipRecord("duplicate_meme_id", f"{reference}: a later sentence names the same meme (its caption is kept)")
+    video_id = meme_key(video_id)
+    if video_id is None:
         return SkipRecord("bad_row", f"{reference}: not an object or no video_id")
-    video_id = str(video_id).strip()
     if not isinstance(query, str) or not query.strip():
         return SkipRecord("missing_query", f"{reference} ({video_id}): no query caption")
-    if not context:
-        return SkipRecord("missing_context", f"{reference} ({video_id}): no titles[0] caption")
+    if video_id not in emotions:
+        return SkipRecord("missing_emotions", f"{reference} ({video_id}): no entry in the emotions file")
     image = find_image(images, video_id)
-    extra = {"video_id": video_id, "context": context, "emotions": emotions.get(video_id, []), "reference": reference}
-    return SourceRecord(image, image.name, query.strip(), query.strip(), extra, task=TASK)
+    extra = {"video_id": video_id, "context": context, "emotions": emotions[video_id], "reference": reference}
+    return SourceRecord(image, image.name, query, query, extra, task=TASK)
 
 
 def meme_records(annotations: Path, emotions: Path, images: Path) -> Iterator[SourceRecord | SkipRecord]:

@@ -14,11 +14,20 @@ parse as a real date and time (month 13, hour 25, empty, missing, not a string) 
 ``bad_row``. Images are verified and counted (``missing_image``, ``corrupt_image``,
 ``unsupported_image``) by ``shards.records.write_records``.
 
-The published retrieval split is two metadata files, queries and database; convert them by two runs
-into two shard sets::
+Per-sample json fields (besides ``caption``, ``label`` and the common ones): ``hour``, ``minute``,
+``month`` (read from ``time``), ``time`` (as written), ``latitude``, ``longitude``, ``timezone``, ``row``
+(the record's number in its metadata file) and, with ``--queries``, ``retrieval_role``.
 
-    python -m shards.convert toc --metadata query_toc.json --images DIR --out data/toc/query
-    python -m shards.convert toc --metadata test_database.json --images DIR --out data/toc/database
+TICL's time-based retrieval is 48 query images (``query_toc.json``) against a disjoint database of
+13,043 (``test_database.json``). Convert both into one shard set, each sample marked with its side
+(``retrieval_role``: ``"query"`` for the records of ``--queries``, ``"database"`` for those of
+``--metadata``); the time head's evaluation then ranks the database for each query::
+
+    python -m shards.convert toc --metadata test_database.json --queries query_toc.json --images DIR --out data/toc/retrieval
+
+A database record whose image is also a query's (the same resolved file) is skipped as
+``query_in_database``, so no query can retrieve itself. Without ``--queries`` no sample has a role and
+the evaluation falls back to leave-one-out retrieval (reported as ``retrieval_loo_*``).
 """
 from __future__ import annotations
 
@@ -36,10 +45,12 @@ from shards.synth.time_of_day import hour_label, time_caption
 
 
 TASK = "time"
-# "2010-05-13 17:49:28.0": date, then hour:minute, optional seconds and fraction. Ranges are checked by
-# datetime() afterwards, so "2010-13-01" or "25:00" fail instead of landing in a bin.
-TIME_PATTERN = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})[ T](\d{1,2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?", re.ASCII)
+# "2010-05-13 17:49:28.0": date, then hour:minute, optional seconds and fraction; fields may be unpadded
+# ("2010-5-3 7:05:9"), as strptime reads them in TICL. Ranges are checked by datetime() afterwards, so
+# "2010-13-01" or "25:00" fail instead of landing in a bin.
+TIME_PATTERN = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})[ T](\d{1,2}):(\d{1,2})(?::(\d{1,2})(?:\.\d+)?)?", re.ASCII)
 KEPT_FIELDS = ("latitude", "longitude", "timezone")
+QUERY, DATABASE = "query", "database"  # values of json retrieval_role
 
 
 # --------------------------------------------------------------------------- metadata
@@ -83,8 +94,10 @@ def resolve_image(images: Path, ground_path: str) -> Path:
     return flat if flat.is_file() else given
 
 
-def toc_record(number: int, row: Any, images: Path) -> SourceRecord | SkipRecord:
-    """One metadata record to a sample record; problems become SkipRecords so they are counted, not raised."""
+def toc_record(number: int, row: Any, images: Path, role: str | None = None) -> SourceRecord | SkipRecord:
+    """One metadata record to a sample record; problems become SkipRecords so they are counted, not raised.
+
+    ``role`` ("query" or "database") becomes the sample's ``retrieval_role``; None: no such field."""
 
     ground_path = row.get("ground_path") if isinstance(row, dict) else None
     if not isinstance(ground_path, str) or not ground_path.strip():
@@ -96,6 +109,8 @@ def toc_record(number: int, row: Any, images: Path) -> SourceRecord | SkipRecord
         return SkipRecord("bad_time", f"record {number} ({ground_path}): unparseable time {row['time']!r}")
     extra = {"hour": taken.hour, "minute": taken.minute, "month": taken.month, "time": row["time"],
              **{key: row.get(key) for key in KEPT_FIELDS}, "row": number}
+    if role is not None:
+        extra["retrieval_role"] = role
     return SourceRecord(
         image_path=resolve_image(images, ground_path), source=ground_path,
         caption=time_caption(taken.hour, taken.minute, taken.month), label=hour_label(taken.hour),
@@ -103,9 +118,24 @@ def toc_record(number: int, row: Any, images: Path) -> SourceRecord | SkipRecord
     )
 
 
-def toc_records(metadata: Path, images: Path) -> Iterator[SourceRecord | SkipRecord]:
+def toc_records(metadata: Path, images: Path, queries: Path | None = None) -> Iterator[SourceRecord | SkipRecord]:
+    """The records of ``metadata``; with ``queries``, first the query file's (role "query"), then the
+    metadata's (role "database"), less those whose image is a query's."""
+    if queries is None:
+        for number, row in metadata_rows(metadata):
+            yield toc_record(number, row, images)
+        return
+    query_images: set[Path] = set()
+    for number, row in metadata_rows(queries):
+        record = toc_record(number, row, images, QUERY)
+        if isinstance(record, SourceRecord):
+            query_images.add(record.image_path)
+        yield record
     for number, row in metadata_rows(metadata):
-        yield toc_record(number, row, images)
+        record = toc_record(number, row, images, DATABASE)
+        if isinstance(record, SourceRecord) and record.image_path in query_images:
+            record = SkipRecord("query_in_database", f"database record {number} ({record.source}) is a query's image")
+        yield record
 
 
 # --------------------------------------------------------------------------- conversion and CLI
@@ -117,20 +147,29 @@ def convert_toc(
     out: str | Path,
     shard_size: int = 1000,
     overwrite: bool = False,
+    queries: str | Path | None = None,
 ) -> dict[str, Any]:
-    """TOC metadata (JSON list or lines) + image folder to a "time" shard set; returns summary.json."""
+    """TOC metadata (JSON list or lines) + image folder to a "time" shard set; returns summary.json.
+
+    ``queries``: TICL's retrieval query file; its records are written too, marked as queries, and the
+    metadata's records as the database (json ``retrieval_role``)."""
 
     metadata, images = Path(metadata), Path(images)
-    if not metadata.is_file():
-        raise FileNotFoundError(f"metadata file {metadata} does not exist")
+    queries = None if queries is None else Path(queries)
+    for path, what in ((metadata, "metadata"), (queries, "queries")):
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"{what} file {path} does not exist")
     if not images.is_dir():
         raise FileNotFoundError(f"images directory {images} is not a directory")
-    return write_records(toc_records(metadata, images), Path(out), shard_size, overwrite)
+    return write_records(toc_records(metadata, images, queries), Path(out), shard_size, overwrite)
 
 
 def add_toc_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metadata", required=True, help="TOC metadata: JSON list of records, or JSON lines")
     parser.add_argument("--images", required=True, help="directory holding the images named by ground_path")
+    parser.add_argument("--queries", default=None,
+                        help="retrieval queries (TICL: query_toc.json), written into the same shards with "
+                             "retrieval_role 'query'; --metadata's records become the 'database'")
 
 
 register_converter("toc", Converter(

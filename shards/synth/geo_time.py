@@ -10,7 +10,13 @@ right at a fine level by reading the matching cue:
     city    landmark: shape and colour                   month   the season's ground colour
 
 The world has a long tail, as photo collections do: one city per country is 20 times rarer than the other
-(``RARE_CITY_WEIGHT``, in every split), while the knowledge corpus describes every city alike.
+(``RARE_CITY_WEIGHT``, in every split), while the knowledge corpus describes every city alike. It is also
+open: each country has a third, knowledge-only city (``meta["unseen_cities"]``) that no training photo shows
+and that the knowledge corpus describes like the others; held-out photos show it with weight
+``UNSEEN_VAL_WEIGHT`` (``meta["unseen_val_weight"]``). The knowledge-only cities are drawn after the rest
+of the world from their own RNG and have weight 0 in training, so the training photos are the ones the
+12-city world gives. ``labels.json`` lists them under ``unseen`` (the task reports ``*_unseen`` metrics).
+Time labels have no knowledge-only counterpart (see ``labels_of``).
 Positions, sizes, clouds, trees and noise vary per sample. ``write_knowledge_corpus`` writes texts that
 describe these cues by name (the retrieval side of QR-CLIP) among many distractors that describe nothing
 in the images. Registers itself with ``shards.synth`` as "geo_time"; ``write_geo_extras`` writes the
@@ -38,6 +44,7 @@ DECADES = (1970, 1980, 1990, 2000, 2010)
 YEARS_PER_DECADE = 2
 YEAR_ONLY_FRACTION = 0.2  # share of samples whose time label is "YYYY" rather than "YYYY-M"
 RARE_CITY_WEIGHT = 0.05  # one city per country is this much rarer than the other, in every split (the long tail)
+UNSEEN_VAL_WEIGHT = 0.05  # held-out weight of each country's knowledge-only city (0 in training)
 
 # Named colours shared by landmarks, flags and cars; the names appear in the knowledge corpus.
 PALETTE: dict[str, RGB] = {
@@ -238,8 +245,34 @@ def describe_geo(seed: int) -> dict[str, Any]:
     }
     meta["rare_cities"] = [rng.choice(country["cities"])["name"] for region in meta["regions"]
                            for country in region["countries"]]
+    meta["unseen_cities"] = add_unseen_cities(random.Random(f"geo_time/unseen/{seed}"), meta["regions"])
+    meta["unseen_val_weight"] = UNSEEN_VAL_WEIGHT
     meta["classes"] = labels_of(meta)["location"]
     return meta
+
+
+def add_unseen_cities(rng: random.Random, regions: list[dict[str, Any]]) -> list[str]:
+    """Give every country a third, knowledge-only city; returns their names.
+
+    Its landmark is a (shape, colour) no other city has, in a shape its country's other cities lack; its
+    name is new. Drawn from ``rng`` alone, after the rest of the world, so the 12 seen cities are the same.
+    """
+    taken = {part.lower() for region in regions for country in region["countries"]
+             for part in [region["name"], country["name"], *(city["name"] for city in country["cities"])]}
+    used = {(city["landmark"], city["colour"]) for region in regions for country in region["countries"]
+            for city in country["cities"]}
+    names = []
+    for region in regions:
+        for country in region["countries"]:
+            shapes = {city["landmark"] for city in country["cities"]}
+            options = [(shape, colour) for shape in LANDMARKS for colour in LANDMARK_COLOURS
+                       if shape not in shapes and (shape, colour) not in used]
+            shape, colour = rng.choice(options)
+            used.add((shape, colour))
+            name = unique_name(rng, city_name, taken)
+            country["cities"].append({"name": name, "landmark": shape, "colour": colour, "knowledge_only": True})
+            names.append(name)
+    return names
 
 
 def location_label(city: dict[str, Any], country: dict[str, Any], region: dict[str, Any]) -> str:
@@ -262,7 +295,13 @@ def iter_years(task_meta: dict[str, Any]) -> Iterator[tuple[dict, dict]]:
 
 
 def labels_of(task_meta: dict[str, Any]) -> dict[str, list[str]]:
-    """Every label the world can produce: 12 locations; per year "YYYY" then "YYYY-1" .. "YYYY-12"."""
+    """Every label the world can produce: 18 locations (12 seen in training, 6 knowledge-only); per year
+    "YYYY" then "YYYY-1" .. "YYYY-12".
+
+    Time has no knowledge-only labels: a time label pairs a year (the car) with a month (the ground), and
+    the corpus describes years and months in separate texts, so no retrieved text names a time label;
+    an unseen year would leave all its 13 labels to be composed from texts about other labels.
+    """
     time = []
     for _, year in iter_years(task_meta):
         time.append(str(year["year"]))
@@ -309,14 +348,23 @@ class Layout:
     noise_seed: int
 
 
-def choose_scene(rng: random.Random, task_meta: dict[str, Any]) -> GeoScene:
-    """Cities by their weight (the rare ones RARE_CITY_WEIGHT, the others 1), uniform over years and months."""
+def city_weight(city: dict[str, Any], task_meta: dict[str, Any], split: str) -> float:
+    """A city's sampling weight: knowledge-only cities 0 in training and ``unseen_val_weight`` held out,
+    the rare ones RARE_CITY_WEIGHT, the others 1."""
+    if city.get("knowledge_only"):
+        return 0.0 if split == "train" else float(task_meta.get("unseen_val_weight", UNSEEN_VAL_WEIGHT))
+    return RARE_CITY_WEIGHT if city["name"] in set(task_meta.get("rare_cities", ())) else 1.0
+
+
+def choose_scene(rng: random.Random, task_meta: dict[str, Any], split: str = "train") -> GeoScene:
+    """Cities by their weight (``city_weight``), uniform over years and months.
+
+    Zero weights never change which other city a draw picks, so training scenes are those of the world
+    without knowledge-only cities."""
     regions, decades = task_meta["regions"], task_meta["decades"]
     places = [(r, c, i) for r, region in enumerate(regions) for c, country in enumerate(region["countries"])
               for i, _ in enumerate(country["cities"])]
-    rare = set(task_meta.get("rare_cities", ()))
-    weights = [RARE_CITY_WEIGHT if regions[r]["countries"][c]["cities"][i]["name"] in rare else 1.0
-               for r, c, i in places]
+    weights = [city_weight(regions[r]["countries"][c]["cities"][i], task_meta, split) for r, c, i in places]
     region, country, city = rng.choices(places, weights=weights)[0]
     decade = rng.randrange(len(decades))
     year = rng.randrange(len(decades[decade]["years"]))
@@ -641,8 +689,8 @@ def encode_png(image: Image.Image) -> bytes:
 def make_geo_sample(
     rng: random.Random, split: str, image_size: int, task_meta: dict[str, Any]
 ) -> tuple[dict[str, bytes], SampleFields]:
-    """One photo of the invented world; train and val share the distribution (``split`` is unused)."""
-    scene = choose_scene(rng, task_meta)
+    """One photo of the invented world; held-out splits also show the knowledge-only cities."""
+    scene = choose_scene(rng, task_meta, split)
     layout = choose_layout(rng, image_size)
     image = render_geo(scene, layout, task_meta, image_size)
     return {"png": encode_png(image)}, scene_fields(scene, task_meta, layout.noise_seed)
@@ -788,10 +836,17 @@ def write_knowledge_corpus(task_meta: dict[str, Any], path: str | Path, n_distra
     return len(lines)
 
 
+def unseen_labels(task_meta: dict[str, Any]) -> dict[str, list[str]]:
+    """The labels no training photo has (the knowledge-only cities); no time label is unseen."""
+    return {"location": [location_label(city, country, region) for region, country, city in iter_locations(task_meta)
+                         if city.get("knowledge_only")], "time": []}
+
+
 def write_geo_extras(out: Path, task_meta: dict[str, Any], seed: int) -> None:
-    """geo_time also needs its knowledge corpus and the candidate labels."""
+    """geo_time also needs its knowledge corpus and the candidate labels (with the unseen ones marked)."""
     write_knowledge_corpus(task_meta, out / "knowledge.txt", seed=seed)
-    (out / "labels.json").write_text(json.dumps(labels_of(task_meta), indent=1) + "\n")
+    labels = {**labels_of(task_meta), "unseen": unseen_labels(task_meta)}
+    (out / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
 
 
 def geo_run_options(out: Path) -> dict[str, Any]:

@@ -12,6 +12,13 @@ library's ``time``). A scene is sky, ground, a tree and a house:
 - nuisance: horizon height, clouds, stars, moon phase, tree and house positions, palette jitter and
   sparse grey pixel noise, so a model has to read the cues rather than a fixed pixel.
 
+Per-sample json fields (besides ``caption``, ``label`` and the common ones): ``hour`` (0-23),
+``minute`` (0-59), ``month`` (1-12), ``time`` ("YYYY-MM-DD HH:MM:00", local time) and, in held-out
+splits only, ``retrieval_role``: ``"query"`` for about QUERY_SHARE of the samples (drawn per sample),
+``"database"`` for the rest, so time-based retrieval runs TICL's query/database protocol (48 queries
+against 13,043 database images on TOC) and not only leave-one-out. The role is drawn after the scene,
+so the images are those of a generator without roles.
+
 Captions and labels use one format ("a photo taken at 17:49 in May", "17h"), defined here and imported
 by ``shards.convert.toc``, so synthetic and converted TOC shards are interchangeable.
 """
@@ -32,6 +39,7 @@ from shards.writer import encode_image
 MONTH_NAMES = ("January", "February", "March", "April", "May", "June",
                "July", "August", "September", "October", "November", "December")
 HOUR_LABELS = tuple(f"{hour}h" for hour in range(24))
+QUERY_SHARE = 0.1  # share of a held-out split marked as retrieval queries (the rest is the database)
 YEARS = (2006, 2014)  # synthetic timestamps get a year in this range (only for the "time" string)
 
 Colour = tuple[float, float, float]
@@ -295,7 +303,8 @@ def random_timestamp(rng: random.Random) -> tuple[int, int, int, str]:
 def make_time_sample(
     rng: random.Random, split: str, image_size: int, task_meta: dict[str, Any]
 ) -> tuple[dict[str, bytes], SampleFields]:
-    """One scene at a uniformly drawn time and month; train and val share one distribution."""
+    """One scene at a uniformly drawn time and month; train and val share one distribution. Held-out
+    samples also get a ``retrieval_role`` (query with probability QUERY_SHARE, else database)."""
     hour, minute, month, stamp = random_timestamp(rng)
     image = draw_time_scene(rng, hour + minute / 60.0, month, image_size)
     fields = {
@@ -306,6 +315,8 @@ def make_time_sample(
         "month": month,
         "time": stamp,
     }
+    if split != "train":
+        fields["retrieval_role"] = "query" if rng.random() < QUERY_SHARE else "database"
     return {"png": encode_image(image, "png")}, fields
 
 
