@@ -112,17 +112,25 @@ def test_cam_cli_writes_overlays_and_boxes(vit_run, tmp_path):
 
 
 def test_resnet_cam_end_to_end(retrieval_shards, tmp_path):
-    """open_clip's ModifiedResNet (configs/models/tiny-rn.json) trains and gives a map on layer4's grid."""
-    raw = tiny_config(retrieval_shards, tmp_path / "run", model={"name": "tiny-rn"}, optim={"max_steps": 2})
+    """open_clip's ModifiedResNet (configs/models/tiny-rn.json) trains and gives a map on layer4's grid: a lit one
+    (an untrained network's Grad-CAM can be all zero after the ReLU; such a map must fail this test)."""
+    raw = tiny_config(retrieval_shards, tmp_path / "run", model={"name": "tiny-rn"},
+                      optim={"max_steps": 40, "micro_batch_size": 32}, schedule={"log_every": 20})  # enough to have evidence
     proc = _train(_write_config(tmp_path, raw))
     assert proc.returncode == 0, proc.stderr[-3000:]
     model, preprocess, tokenizer = load_run(tmp_path / "run")
-    image, named = next(two_object_scenes(1))
-    result = grad_cam(model, preprocess(image), tokenizer([named[0][0]])[0])
     side = model.visual.image_size if isinstance(model.visual.image_size, int) else model.visual.image_size[0]
-    assert result.grid.shape == (side // 32, side // 32) == (3, 3)
-    assert result.cam.shape == (side, side) and np.isfinite(result.cam).all()
-    assert result.cam.min() >= 0 and (result.cam.max() == pytest.approx(1.0) or not result.grid.any())
+    maps = []
+    for image, named in two_object_scenes(3):
+        for text, _ in named:
+            result = grad_cam(model, preprocess(image), tokenizer([text])[0])
+            assert result.grid.shape == (side // 32, side // 32) == (3, 3)
+            assert result.cam.shape == (side, side) and np.isfinite(result.cam).all() and result.cam.min() >= 0
+            maps.append((result.grid, result.cam))
+    lit = [cam for grid, cam in maps if grid.any()]
+    assert len(lit) >= len(maps) // 2, f"{len(maps) - len(lit)} of {len(maps)} maps are all zero"  # not a blank map
+    assert all(cam.max() == pytest.approx(1.0) for cam in lit)  # scaled to [0, 1]
+    assert len({grid.round(4).tobytes() for grid, _ in maps}) > 1  # the map depends on the image and the text
     image.save(tmp_path / "scene.png")
     proc = _run([sys.executable, "launch/cam.py", "--checkpoint", str(tmp_path / "run"), "--images",
                  str(tmp_path / "scene.png"), "--texts", named[0][0], "--out", str(tmp_path / "cams")])

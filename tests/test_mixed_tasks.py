@@ -20,6 +20,11 @@ def test_task_choice_is_weighted_and_reproducible():
     share = Counter(picks)["retrieval"] / len(picks)
     assert 0.70 < share < 0.80  # 3:1
     assert _pick_task(0, 0, 0, ["time"], [1.0]) == "time"
+    # each micro batch of a step draws its own task (with grad_accum > 1 a step mixes tasks)
+    mixed_steps = sum(_pick_task(0, s, 0, names, [1.0, 1.0]) != _pick_task(0, s, 1, names, [1.0, 1.0]) for s in range(200))
+    assert 70 < mixed_steps < 130  # half of the steps, for equal weights
+    assert _pick_task(0, 7, 0, names, weights) == _pick_task(0, 7, 0, names, weights)
+    assert len({_pick_task(seed, 0, 0, names, [1.0, 1.0]) for seed in range(20)}) == 2  # the seed matters
 
 
 def test_task_batches_from_checkpoint_or_step():

@@ -30,6 +30,21 @@ def test_exact_topk_equals_knowledge_search_with_ties():
     assert ids[-1, :3].tolist() == [10, 2500, 2999]
 
 
+def test_the_error_bound_is_what_keeps_int8_search_exact():
+    """Uniform random vectors pack the scores together, so int8 products alone mis-rank rows: exactness
+    rests on the quantisation error bound (without it, about 1 query in 10 here gets a wrong top-10)."""
+    from serving.search import exact_topk
+
+    rng = np.random.default_rng(3)
+    corpus = rng.standard_normal((20000, 64)).astype(np.float32)
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    queries = rng.standard_normal((200, 64)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    scores = queries @ corpus.T
+    reference = np.lexsort((np.broadcast_to(np.arange(scores.shape[1]), scores.shape), -scores), axis=1)[:, :10]
+    assert np.array_equal(exact_topk(queries, corpus, k=10)[1], reference)
+
+
 def test_int8_bound_rescores_near_ties_and_stays_exact():
     """Near-duplicates that int8 cannot separate are all rescored in fp32; blocks narrower than k work too."""
     from serving.search import QuantizedCorpus, exact_topk, fp32_topk
