@@ -105,6 +105,52 @@ def test_resume_never_runs_a_payload_planted_in_a_checkpoint(retrieval_shards, t
     assert not marker.exists(), "the planted payload ran on --resume"
 
 
+def test_resume_with_another_batch_layout_or_data_is_refused_naming_both(retrieval_shards, tmp_path):
+    run = tmp_path / "run"
+    raw = tiny_config(retrieval_shards, run, optim={"max_steps": 2}, schedule={"checkpoint_every": 2})
+    config = _write_config(tmp_path, raw)
+    assert _train(config).returncode == 0
+    proc = _train(config, "--resume", "optim.max_steps=4", "optim.micro_batch_size=8")
+    assert proc.returncode != 0 and "another data stream or batch layout" in proc.stderr, proc.stderr[-2000:]
+    assert "'micro_batch_size': 16" in proc.stderr and "'micro_batch_size': 8" in proc.stderr
+    proc = _train(config, "--resume", "optim.max_steps=4", f"data.train={retrieval_shards / 'val'}")
+    assert proc.returncode != 0 and "another data stream" in proc.stderr
+
+
+def test_two_jobs_never_share_a_run_folder(retrieval_shards, tmp_path):
+    import subprocess
+    import time
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from training.checkpoint import RunLock; lock = RunLock(Path(sys.argv[1])); print('held', flush=True); "
+                               "time.sleep(120)", str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        raw = tiny_config(retrieval_shards, run, optim={"max_steps": 2})
+        proc = _train(_write_config(tmp_path, raw))
+        assert proc.returncode != 0 and "is in use by another training job (pid" in proc.stderr, proc.stderr[-2000:]
+        assert not (run / "log.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.2)
+    from training.checkpoint import RunLock
+
+    RunLock(run).release()  # free again once the holder is gone
+
+
+def test_a_torn_last_log_line_is_ignored_a_torn_middle_line_is_named(tmp_path):
+    from training.logging_utils import read_log
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"kind": "train", "step": 1}\n{"kind": "train", "step": 2}\n{"kind": "tr')
+    assert [r["step"] for r in read_log(log)] == [1, 2]
+    log.write_text('{"kind": "train", "step": 1}\n{"kind": "tr\n{"kind": "train", "step": 3}\n')
+    with pytest.raises(ValueError, match="log.jsonl:2"):
+        read_log(log)
+
+
 def test_bad_input_stops_before_work(retrieval_shards, tmp_path):
     raw = tiny_config(retrieval_shards, tmp_path / "run", data={"train": str(tmp_path / "none-{000..003}.tar")})
     proc = _train(_write_config(tmp_path, raw))

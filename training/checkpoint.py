@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from shards.atomic import write_bytes, write_json
 
 from training.config import ConfigError
 from training.distributed import DistInfo, barrier
@@ -38,17 +42,65 @@ def read_run_state(ckpt_dir: Path) -> dict[str, Any] | None:
     return json.loads((ckpt_dir / tag / RUN_STATE).read_text())
 
 
-def check_resumable(state: dict[str, Any], config: dict[str, Any], ckpt_dir: Path) -> None:
-    """Refuse to resume a checkpoint of another model or task set, before DeepSpeed loads it."""
+def stream_layout(config: dict[str, Any], world_size: int | None) -> dict[str, Any]:
+    """What positions the data streams after a resume: shards, batch sizes, sampling, seed, ranks x workers.
+    A resume with any of it changed would continue at a position that means something else."""
+    data, optim = config["data"], config["optim"]
+    tasks = {t["name"]: {"train": t.get("train") or data.get("train"),
+                         "micro_batch_size": t.get("micro_batch_size") or optim["micro_batch_size"],
+                         "sampling_weight": t.get("sampling_weight", 1.0)} for t in config["tasks"]}
+    return {"tasks": tasks, "grad_accum": optim.get("grad_accum", 1), "seed": config["run"]["seed"],
+            "num_workers": data.get("num_workers"), "resample": data.get("resample"),
+            "shuffle_buffer": data.get("shuffle_buffer"), "world_size": world_size}
+
+
+def check_resumable(state: dict[str, Any], config: dict[str, Any], ckpt_dir: Path,
+                    world_size: int | None = None) -> None:
+    """Refuse to resume a checkpoint of another model or task set, or whose data stream or batch layout
+    changed (both values named), before DeepSpeed loads it."""
     saved = state["config"]
+    where = f"--resume: checkpoint {ckpt_dir / state['tag']} was trained with"
     for section in ("model", "tasks"):
         if section == "tasks":
             mine, theirs = [t["name"] for t in config["tasks"]], [t["name"] for t in saved["tasks"]]
         else:
             mine, theirs = config[section], saved[section]
         if mine != theirs:
-            raise ConfigError(f"--resume: checkpoint {ckpt_dir / state['tag']} was trained with "
-                              f"{section} = {theirs}, but this config has {section} = {mine}")
+            raise ConfigError(f"{where} {section} = {theirs}, but this config has {section} = {mine}")
+    if "layout" not in state:  # a checkpoint from before the layout was recorded: nothing to compare
+        return
+    mine, theirs = stream_layout(config, world_size), state["layout"]
+    changed = [f"{key}: {theirs.get(key)!r} -> {mine[key]!r}" for key in mine if theirs.get(key) != mine[key]]
+    if changed:
+        raise ConfigError(f"{where} another data stream or batch layout ({'; '.join(changed)}); the position it "
+                          "resumes at would mean other samples. Resume with the same settings, or start a new run")
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the life of a job: two jobs never write one run."""
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / ".lock"
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise ConfigError(f"{run_dir} is in use by another training job ({holder}); wait for it or choose "
+                              "another run.output_dir") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            self._file.close()  # closing the descriptor releases the flock
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, run_state: dict[str, Any], dist_info: DistInfo,
@@ -57,7 +109,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, run_state: dict[str, Any]
     tag = f"step{step:08d}"
     if dist_info.is_main:
         (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-        (ckpt_dir / tag / RUN_STATE).write_text(json.dumps({**run_state, "tag": tag}, indent=1))
+        write_json(ckpt_dir / tag / RUN_STATE, {**run_state, "tag": tag})
     barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
     barrier()
@@ -116,8 +168,10 @@ def write_final(state_dict: dict[str, torch.Tensor], final_dir: Path, config: di
     """``model.safetensors`` (all weights) and ``open_clip.safetensors`` (backbone alone)."""
     final_dir.mkdir(parents=True, exist_ok=True)
     full = {k: v.contiguous() for k, v in state_dict.items()}
-    save_file(full, str(final_dir / "model.safetensors"), metadata={"format": "pt"})
     prefix = "backbone."
     backbone = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-    save_file(backbone, str(final_dir / "open_clip.safetensors"), metadata={"format": "pt"})
-    (final_dir / "config.json").write_text(json.dumps(config, indent=1))
+    # config.json last: load_run needs both files, so a kill in between leaves no half-written final/
+    (final_dir / "config.json").unlink(missing_ok=True)
+    write_bytes(final_dir / "model.safetensors", save(full, metadata={"format": "pt"}))
+    write_bytes(final_dir / "open_clip.safetensors", save(backbone, metadata={"format": "pt"}))
+    write_json(final_dir / "config.json", config)

@@ -30,8 +30,9 @@ class RunLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
+        with self.path.open("a") as f:  # one whole line per write, flushed: a kill tears at most the last
             f.write(json.dumps(record) + "\n")
+            f.flush()
         step = record.get("step", 0)
         kind = record.get("kind", "train")
         for key, value in record.items():
@@ -45,7 +46,18 @@ class RunLogger:
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of ``log.jsonl``; a torn last line (a killed job) is ignored with a warning, a bad line
+    elsewhere is an error naming it."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number != len(lines):
+                raise ValueError(f"{path}:{number}: not a JSON record") from None
+            logging.getLogger("multiclip.train").warning("%s: ignoring a torn last line (an interrupted job)", path)
+    return records
 
 
 def plot_curves(log_path: Path, out_png: Path) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import yaml
 
+from shards.atomic import write_json, write_text
 from shards.samples import read_skip_logs, summarize_skips
 from training import checkpoint as ckpt
 from training.config import Config, load_deepspeed_overrides
@@ -68,12 +69,12 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     dist_info: DistInfo = init_distributed()
     setup_console_logging(dist_info.is_main)
     run_dir, ckpt_dir = Path(cfg.run.output_dir), Path(cfg.run.output_dir) / "checkpoints"
+    lock = ckpt.RunLock(run_dir) if dist_info.is_main else None  # one job per run folder
     run_state = ckpt.read_run_state(ckpt_dir) if resume else None
     if run_state is not None:
-        ckpt.check_resumable(run_state, cfg.to_dict(), ckpt_dir)
+        ckpt.check_resumable(run_state, cfg.to_dict(), ckpt_dir, dist_info.world_size)
     if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     seed_everything(cfg.run.seed)
 
     # model, optimizer, schedule, engine
@@ -117,6 +118,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     task_names = list(model.heads)
     task_weights = [cfg.task(name).sampling_weight for name in task_names]
     taken = _task_batches(run_state, task_names, step * cfg.optim.grad_accum)
+    layout = ckpt.stream_layout(cfg.to_dict(), dist_info.world_size)
     streams = {name: _positioned_stream(cfg, model.heads[name], backbone, dist_info, run_dir, taken[name])
                for name in task_names}
     epoch_steps = steps_per_epoch(cfg, dist_info.world_size)
@@ -158,14 +160,14 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             logger.log({"kind": "eval", "step": step, **evaluate_model(engine.module, backbone, cfg)})
         if cfg.schedule.checkpoint_every and step % cfg.schedule.checkpoint_every == 0:
             ckpt.save_checkpoint(engine, ckpt_dir, step, {"step": step, "config": cfg.to_dict(),
-                                                          "task_batches": taken},
+                                                          "task_batches": taken, "layout": layout},
                                  dist_info, cfg.schedule.keep_checkpoints)
     progress.close()
 
     final = evaluate_model(engine.module, backbone, cfg)
     logger.log({"kind": "eval", "step": step, **final})
     tag = ckpt.save_checkpoint(engine, ckpt_dir, step, {"step": step, "config": cfg.to_dict(),
-                                                        "task_batches": taken},
+                                                        "task_batches": taken, "layout": layout},
                                dist_info, cfg.schedule.keep_checkpoints)
     result = {"step": step, "before": baseline, "after": final,
               "headline": {name: list(head.headline_metrics) for name, head in model.heads.items()},
@@ -177,7 +179,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         if initial_backbone is not None:
             result["wise_ft"] = wise_ft.evaluate_interpolations(cfg, initial_backbone, state)
             logger.log({"kind": "wise_ft", "step": step, **wise_ft.flatten(result["wise_ft"])})
-        (run_dir / "metrics.json").write_text(json.dumps(result, indent=1))
+        write_json(run_dir / "metrics.json", result)
         plot_curves(logger.path, run_dir / "curves.png")
         log.info("after training: %s", json.dumps(final))
         log.info("skipped samples: %s", json.dumps(result["skipped_samples"]))
@@ -185,6 +187,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
         _audit_weights(run_dir, dist_info.rank, engine.module, cfg.deepspeed.zero_stage)
     logger.close()
     barrier()
+    if lock is not None:
+        lock.release()
     return result
 
 
