@@ -16,7 +16,7 @@ from PIL import Image
 
 from serving.preprocess import Preprocess
 from shards import members as shard_members  # torch-free: the member names shared with training
-from shards.samples import expand_urls, tar_samples
+from shards.samples import expand_urls, image_shape_problem, tar_samples
 
 
 @dataclass
@@ -94,6 +94,9 @@ def load_pixels(item: Item, preprocess: Preprocess) -> np.ndarray | str:
         return item.error
     try:
         with Image.open(io.BytesIO(item.data)) as image:
+            problem = image_shape_problem(image.width, image.height)  # the header is read: no pixels decoded yet
+            if problem:
+                return f"bad_image: {problem}"
             image.load()
             return preprocess(image)
     except Exception as err:  # noqa: BLE001  (any decoding failure is this item's problem only)

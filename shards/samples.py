@@ -306,6 +306,25 @@ def draft_scale(width: int, height: int, min_side: int | None) -> int:
     return next((s for s in DRAFT_SCALES if -(-short // s) >= min_side), 1)
 
 
+MAX_ASPECT_RATIO = 20  # long side / short side: beyond it, resizing the short side explodes the long one
+MAX_PIXELS = 64_000_000  # decoded width x height
+
+
+def image_shape_problem(width: int, height: int) -> str | None:
+    """Why an image of this size is not worth decoding and resizing (bounded work per image), or None.
+
+    A 370-byte 1 x 100000 PNG is cheap to decode, but resizing its short side to the model's 224 px would
+    make its long side 22 million pixels (gigabytes): such images are skipped, named, before any work.
+    """
+    if width < 1 or height < 1:
+        return f"empty image ({width}x{height})"
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return f"aspect ratio {max(width, height) / min(width, height):.0f}:1 over {MAX_ASPECT_RATIO}:1 ({width}x{height})"
+    if width * height > MAX_PIXELS:
+        return f"{width}x{height} is over {MAX_PIXELS:,} pixels"
+    return None
+
+
 def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
     """Fully decode (so truncated files fail here, not in map_fn) to RGB.
 
@@ -314,6 +333,9 @@ def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
     and resize. Other formats, and JPEGs too small to reduce, are decoded at full size.
     """
     with Image.open(io.BytesIO(data)) as img:
+        problem = image_shape_problem(img.width, img.height)  # from the header: before decoding
+        if problem:
+            raise ValueError(problem)
         if min_side and img.format == "JPEG":
             scale = draft_scale(img.width, img.height, min_side)
             if scale > 1:  # PIL picks scale s for a request of (width // s, height // s)

@@ -656,3 +656,28 @@ def test_captions_bad_rows_are_counted_by_reason_never_a_traceback(tmp_path):
     assert sources == ["ok.png", "ok.png"]  # relative, never an absolute path
     allowed = convert_captions(table, tmp_path / "out2", images_root=root, allow_outside_images=True)
     assert allowed["written"] == 4
+
+
+def test_a_tiny_file_with_an_extreme_aspect_ratio_is_skipped_before_any_work():
+    """A 1 x 100000 PNG (a few hundred bytes) would become 224 x 22 million pixels once its short side is
+    resized: the loaders and inference skip it as bad_image from its header, before decoding."""
+    import resource
+
+    from serving.items import Item, load_pixels
+    from serving.preprocess import Preprocess
+    from shards.samples import SampleError, decode_sample, image_shape_problem
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 100_000)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    assert len(data) < 2000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(SampleError, match="aspect ratio 100000:1") as err:
+        decode_sample({"__key__": "thin", "__url__": "x.tar", "png": data, "json": b"{}"})
+    assert err.value.reason == "bad_image"
+    preprocess = Preprocess.from_dict({"size": 224, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
+                                       "resize_mode": "shortest"})
+    assert load_pixels(Item("thin", "x.tar", data), preprocess).startswith("bad_image: aspect ratio")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: no gigabyte allocation
+    assert image_shape_problem(224, 224) is None and image_shape_problem(4000, 200) is None  # 20:1 still fine
+    assert "pixels" in image_shape_problem(9000, 9000)
