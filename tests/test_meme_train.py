@@ -1,6 +1,8 @@
 """meme learns on its synthetic data through the real deepspeed launcher (2 ranks), held-out well above chance.
 
-Not asserted (it does not hold yet, see the task's report): the fused score beating the QI branch alone.
+With ``alpha: auto`` (alpha chosen on a separate validation split, never the held-out one) the fused
+score is not below the better branch by more than noise. Not asserted, only printed: whether fused
+beats both branches (on this data QI's inputs include everything QC reads; see the README).
 """
 from __future__ import annotations
 
@@ -23,6 +25,11 @@ def meme_shards(tmp_path_factory) -> Path:
                            "--val", "400", "--shard-size", "200"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "bert-tiny" / "config.json").is_file()
+    from shards.synth import write_split
+    from shards.synth.meme import describe_meme
+
+    # a validation split for alpha: auto, drawn like val (held-out triples included) but disjoint from it
+    write_split(out / "tune", "meme", 400, 0, 200, 64, describe_meme(0), "tune", False)
     return out
 
 
@@ -33,9 +40,13 @@ def _meme_config(shards: Path, run: Path, max_steps: int = 100, **options) -> di
                        schedule={"log_every": 50}, eval={"max_samples": None, "batch_size": 200})
 
 
+NOISE = 0.03  # R@1 on 400 held-out queries: one binomial standard error is about 0.024
+
+
 def test_meme_branches_learn_well_above_chance(meme_shards, tmp_path):
     run = tmp_path / "run"
-    config = _write_config(tmp_path, _meme_config(meme_shards, run, stage="joint", alpha=0.5))
+    config = _write_config(tmp_path, _meme_config(meme_shards, run, stage="joint", alpha="auto",
+                                                  alpha_validation=str(meme_shards / "tune")))
     proc = _train(config, ranks=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     after = json.loads((run / "metrics.json").read_text())["after"]
@@ -45,8 +56,25 @@ def test_meme_branches_learn_well_above_chance(meme_shards, tmp_path):
     before = json.loads((run / "metrics.json").read_text())["before"]
     assert after["meme/fused_R@10"] >= before["meme/fused_R@10"] + 0.3
     assert after["meme/fused_R@100"] <= 1.0 and after["meme/num_samples"] == 400
+    assert 0.0 <= after["meme/alpha"] <= 1.0
+    best_branch = max(after["meme/qi_R@1"], after["meme/qc_R@1"])
+    print(f"meme held-out R@1: fused {after['meme/fused_R@1']:.4f} (auto alpha {after['meme/alpha']:.2f}), "
+          f"QI {after['meme/qi_R@1']:.4f}, QC {after['meme/qc_R@1']:.4f}, chance {chance:.4f}, "
+          f"prior {after['meme/R@1_baseline']:.4f}; fused beats both: {after['meme/fused_R@1'] > best_branch}")
+    assert after["meme/fused_R@1"] >= best_branch - NOISE
     # launch/evaluate.py re-scores the saved weights to the same numbers
     out = tmp_path / "eval.json"
     proc = _run([sys.executable, "launch/evaluate.py", "--config", str(config), "--checkpoint", str(run), "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(out.read_text())["meme/fused_R@1"] == pytest.approx(after["meme/fused_R@1"], abs=1e-6)
+    again = json.loads(out.read_text())
+    assert again["meme/fused_R@1"] == pytest.approx(after["meme/fused_R@1"], abs=1e-6)
+    assert again["meme/alpha"] == after["meme/alpha"]  # chosen again on the validation split, the same
+    # the same weights at the fixed alpha = 0.5 (reported, not asserted)
+    (tmp_path / "fixed").mkdir()
+    fixed = _write_config(tmp_path / "fixed", _meme_config(meme_shards, run, stage="joint", alpha=0.5))
+    out = tmp_path / "eval_alpha_0.5.json"
+    proc = _run([sys.executable, "launch/evaluate.py", "--config", str(fixed), "--checkpoint", str(run), "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    half = json.loads(out.read_text())
+    assert half["meme/qi_R@1"] == pytest.approx(after["meme/qi_R@1"], abs=1e-6)
+    print(f"meme held-out R@1 at alpha 0.5: fused {half['meme/fused_R@1']:.4f}")

@@ -54,7 +54,8 @@ def test_meme_graphs_pass_parity_and_the_bert_tokenizer_matches(meme_export):
     for name, graph in manifest["graphs"].items():
         assert graph["max_abs_diff_fp32"] <= FP32_TOLERANCE, name
     meta = manifest["tasks"]["meme"]
-    assert meta["alpha"] == 0.6 and meta["qi_logit_scale"] > 0 and meta["qc_logit_scale"] > 0
+    assert meta["alpha"] == 0.6 and meta["fusion"] == "shared_scale" and meta["logit_scale"] > 0
+    assert "qi_logit_scale" not in meta and "qc_logit_scale" not in meta
     assert meta["emotion_tokenizer"] in manifest["files"]
     texts = ["happy", "angry sad surprised " * 20, "", "Fearful, DISGUSTED!"]  # one longer than max_length
     ours = meme_tokenizer(ExportedModel(export))(texts)
@@ -68,7 +69,6 @@ def _torch_ranking(run: Path, shards: Path) -> tuple[list[str], dict[str, torch.
     """Keys of the held-out memes and PyTorch's [Q, G] branch scores (the task's own evaluation path)."""
     from training.runs import load_run
     from training.data import eval_loader
-    from training.losses import logit_scale
     from training.tasks.meme import branch_scores
 
     model, backbone, _ = load_run(run)
@@ -81,9 +81,7 @@ def _torch_ranking(run: Path, shards: Path) -> tuple[list[str], dict[str, torch.
                 parts[k].append(v.float())
             keys += list(batch["key"])
     emb = {k: torch.cat(v) for k, v in parts.items()}
-    return keys, branch_scores(emb, float(logit_scale(task.qi_logit_scale.detach())),
-                               float(logit_scale(task.qc_logit_scale.detach())),
-                               task.options.alpha)
+    return keys, branch_scores(emb, task.score_meta(task.fitted_alpha(backbone.model)))
 
 
 def test_meme_cli_ranks_as_pytorch_without_importing_torch(meme_export, tmp_path):

@@ -16,27 +16,45 @@ BRANCHES = ("fused", "qi", "qc")
 def meme_tokenizer(model: ExportedModel) -> WordPieceTokenizer:
     """The frozen BERT's tokenizer the export carries (torch-free twin of transformers')."""
     meta = model.manifest["tasks"]["meme"]
-    return WordPieceTokenizer(model.dir / meta["emotion_tokenizer"], meta["emotion_max_length"],
+    return WordPieceTokenizer(model.file(meta["emotion_tokenizer"]), meta["emotion_max_length"],
                               meta["pad_token_id"], meta["pad_token"])
 
 
 def meme_fields(meta: dict[str, Any]) -> tuple[str, str, list[str]]:
-    """(query, context, emotions) of a meme's json; ValueError naming the bad field. Training uses it too."""
+    """(query, context, emotions) of a meme's json; ValueError naming the bad field. Training uses it too.
+
+    The caption (the query) must be a non-empty string; the context may be empty (a meme whose title is
+    empty gets an empty context, as in the original's loader). Strings are returned exactly as stored.
+    """
     query, context, emotions = meta.get("caption"), meta.get("context"), meta.get("emotions", [])
-    for name, value in (("caption", query), ("context", context)):
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"json.{name} must be a non-empty string")
+    if not isinstance(query, str) or not query.strip():
+        raise ValueError("json.caption must be a non-empty string")
+    if not isinstance(context, str):
+        raise ValueError("json.context must be a string (empty is allowed)")
     if not isinstance(emotions, list) or not all(isinstance(e, str) for e in emotions):
         raise ValueError("json.emotions must be a list of strings")
     return query, context, emotions
 
 
 def meme_scores(query: np.ndarray, qi: np.ndarray, context: np.ndarray, meta: dict[str, Any]) -> dict[str, np.ndarray]:
-    """[Q, G] QI, QC and fused S = alpha * QI + (1 - alpha) * QC; NumPy arrays or torch tensors (training's
-    evaluation scores with this function too)."""
-    s_qi = meta["qi_logit_scale"] * query @ qi.T
-    s_qc = meta["qc_logit_scale"] * query @ context.T
-    return {"qi": s_qi, "qc": s_qc, "fused": meta["alpha"] * s_qi + (1 - meta["alpha"]) * s_qc}
+    """[Q, G] QI, QC and fused scores of normalised embeddings; NumPy arrays or torch tensors (training's
+    evaluation scores with this function too).
+
+    ``meta["fusion"]`` ``shared_scale`` (the default, the original's): one ``logit_scale`` (= 1/T) for
+    both, QI = cos_QI / T, QC = cos_QC / T, fused = (alpha cos_QI + (1 - alpha) cos_QC) / T.
+    ``separate_scales``: QI = ``qi_logit_scale`` cos_QI, QC = ``qc_logit_scale`` cos_QC, fused =
+    alpha QI + (1 - alpha) QC.
+    """
+    alpha = meta["alpha"]
+    cos_qi, cos_qc = query @ qi.T, query @ context.T
+    fusion = meta.get("fusion", "shared_scale")
+    if fusion == "shared_scale":
+        scale = meta["logit_scale"]
+        return {"qi": scale * cos_qi, "qc": scale * cos_qc, "fused": scale * (alpha * cos_qi + (1 - alpha) * cos_qc)}
+    if fusion == "separate_scales":
+        s_qi, s_qc = meta["qi_logit_scale"] * cos_qi, meta["qc_logit_scale"] * cos_qc
+        return {"qi": s_qi, "qc": s_qc, "fused": alpha * s_qi + (1 - alpha) * s_qc}
+    raise ValueError(f"meme: unknown fusion {fusion!r} (shared_scale or separate_scales)")
 
 
 @register_predictor("meme")
