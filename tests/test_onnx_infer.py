@@ -93,7 +93,10 @@ def test_time_predictions_and_metrics_match_pytorch(exported, torch_model, onnx_
                        "month_true": torch.tensor([it.meta["month"] - 1 for it in items])}, task.options)
     after = _after(run)
     for key, value in ours.items():
-        assert value == pytest.approx(after[f"time/{key}"], abs=0.011), key  # at most 2 near-tie items of 200
+        # image-to-image retrieval ranks packed similarities after 12 steps (3rd and 4th candidates within
+        # 1e-6 for a third of the queries), so fp32 noise between the runtimes moves a few top-k sets
+        tolerance = 0.05 if key.startswith("retrieval") else 0.011  # else: at most 2 near-tie items of 200
+        assert value == pytest.approx(after[f"time/{key}"], abs=tolerance), key
 
 
 def test_int8_towers_predict_like_fp32(exported, onnx_model, time_shards, tmp_path):

@@ -11,20 +11,6 @@ def _after(run) -> dict:
     return json.loads((run / "metrics.json").read_text())["after"]
 
 
-def test_time_head_learns_hour_and_month(time_shards, tmp_path):
-    run = tmp_path / "run"
-    raw = tiny_config(time_shards, run, tasks=[{"name": "time", "options": {"hidden": [64, 128], "encoding": "cyclic"}}],
-                      optim={"max_steps": 150, "micro_batch_size": 32, "warmup_steps": 10, "weight_decay": 0.05},
-                      schedule={"log_every": 50}, eval={"max_samples": None, "batch_size": 200})
-    proc = _train(_write_config(tmp_path, raw))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    after = _after(run)
-    assert after["time/hour_top1"] >= 4 * after["time/hour_top1_chance"]  # >= 4/24
-    assert after["time/hour_mae_minutes"] <= 0.5 * 360  # a random guess is off by 6 h on average
-    assert after["time/month_top1"] >= 2 * after["time/month_top1_chance"]
-    assert "time/retrieval_R@1" in after
-
-
 def test_geo_time_quantity_then_relevance_stages(geo_shards, tmp_path):
     """QR-CLIP's schedule: the quantity module, then the relevance module from its final weights, which
     with the retrieved knowledge beats the quantity module alone on held-out photos (location)."""
