@@ -1,6 +1,7 @@
 """Ray feature extraction: a real local cluster, the Jobs API, resume, bad records, in-process parity."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -55,14 +56,43 @@ def ray_cluster(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     start = [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}",
-             "--disable-usage-stats"]
-    proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+             "--disable-usage-stats", "--block"]
+    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: stopping it stops this cluster only
     try:
+        _wait_for_port(port, head)
+        _wait_for_port(dash, head)  # the dashboard (Jobs API) comes up after the GCS
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_own_cluster(head, temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_for_port(port: int, head: subprocess.Popen, timeout: float = 120) -> None:
+    import socket
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert head.poll() is None, f"ray start exited: {head.stderr.read()[-2000:]}"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"the Ray head did not listen on {port} within {timeout} s")
+
+
+def _stop_own_cluster(head: subprocess.Popen, temp: Path) -> None:
+    """Stop the cluster this fixture started, and nothing else (never ``ray stop``, which stops every
+    Ray on the machine): the blocking ``ray start`` process group, then any process of its session."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+    subprocess.run(["pkill", "-f", str(temp)], capture_output=True)  # raylet, GCS, workers: their args name it
 
 
 def _submit_and_wait(dashboard: str, entrypoint: str, timeout: float = 240) -> tuple[str, str]:
