@@ -1,6 +1,7 @@
 """Configs are validated completely, with every problem named, before any work starts."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,14 @@ def test_ds_config_file_is_merged_and_batch_keys_are_derived(tmp_path):
     raw["deepspeed"]["config_file"] = str(tmp_path / "absent.json")
     with pytest.raises(ConfigError, match="absent.json"):
         config_from_dict(raw)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("data.train=[]", "data.train"), ("eval.max_samples=-1", "eval.max_samples"), ("eval.max_samples=0", "eval.max_samples"),
+    ("optim.betas=[0.9,1.5]", "optim.betas"), ("optim.eps=0", "optim.eps"), ("tasks.0.train=['']", "tasks.0.train")])
+def test_values_that_would_fail_after_start_up_are_refused_naming_the_key(tmp_path, override, key):
+    raw = tiny_config(tmp_path, tmp_path / "run")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(path, [override])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, model_validator
@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationErr
 
 class ConfigError(ValueError):
     """A config file that cannot be run; the message lists every problem with its key."""
+
+
+# shard pattern(s): a non-empty string, or a non-empty list of them (an empty list would train on nothing)
+ShardSpec = Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
 
 
 class _Section(BaseModel):
@@ -37,8 +41,8 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    train: str | list[str] | None = None  # shard pattern(s): brace pattern, glob or directory
-    val: str | list[str] | None = None  # held-out shards used for periodic and final evaluation
+    train: ShardSpec | None = None  # shard pattern(s): brace pattern, glob or directory
+    val: ShardSpec | None = None  # held-out shards used for periodic and final evaluation
     # DataLoader workers per rank; auto = min(max(1, cores // local ranks - 1), 8, shards per rank), where
     # cores is this process's CPU affinity and "shards per rank" (shards // world size) applies without resample
     num_workers: NonNegativeInt | Literal["auto"] = "auto"
@@ -56,8 +60,8 @@ class TaskConfig(_Section):
     options: Any = Field(default_factory=dict)  # a dict in; the task's own typed Options object once validated
     sampling_weight: float = Field(1.0, gt=0)  # share of micro batches drawn for this task in a mixed job
     micro_batch_size: int | None = Field(None, ge=1)  # this task's samples per rank per forward (default: optim's)
-    train: str | list[str] | None = None  # this task's training shards (default: data.train)
-    val: str | list[str] | None = None  # this task's held-out shards (default: data.val)
+    train: ShardSpec | None = None  # this task's training shards (default: data.train)
+    val: ShardSpec | None = None  # this task's held-out shards (default: data.val)
 
 
 class OptimConfig(_Section):
@@ -67,8 +71,8 @@ class OptimConfig(_Section):
     lr_backbone: float = Field(1e-5, ge=0)  # learning rate of the open_clip backbone
     lr_head: float = Field(1e-3, ge=0)  # learning rate of the task heads
     weight_decay: float = Field(0.1, ge=0)  # AdamW decay; never applied to biases, norms, logit scales
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.98)  # AdamW
+    eps: float = Field(1e-6, gt=0, lt=1)
     warmup_steps: int = Field(10, ge=0)  # linear warm-up, then cosine to min_lr_ratio * lr
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     grad_clip: float = Field(1.0, ge=0)  # global norm clipping; 0 disables
@@ -95,7 +99,7 @@ class ScheduleConfig(_Section):
 
 class EvalConfig(_Section):
     batch_size: int = Field(128, ge=1)
-    max_samples: int | None = None  # cap on held-out samples (None: all; rounded up to whole batches)
+    max_samples: int | None = Field(None, ge=1)  # cap on held-out samples (None: all; rounded up to whole batches)
     general: str | list[str] | None = None  # shards measuring general (zero-shot) ability before/after
     wise_ft_alphas: list[float] = Field(default_factory=list)  # WiSE-FT: (1-a)*initial + a*fine-tuned backbone
 

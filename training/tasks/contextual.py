@@ -11,12 +11,18 @@ A sample is one description with its set of 10 frames (``0.jpg`` ... ``9.jpg``, 
 - ``contextual``: the ContextualCLIP head. x0 = (s * I) (.) T (or the concat [I; T]); x = x0 + a
   positional embedding of the frame index (zeroed for static sets, whose images have no order);
   2 post-LN transformer encoder layers over the 10 frames; x = x + x0; Linear -> 10 scores; cross-entropy.
+  By default it starts as the original's (ImageCoDe contextual.py + BERT layers): positional embedding
+  N(0, 1), a default-initialised nn.Linear scorer, LayerNorm eps 1e-12, no dropout after the FFN's GELU
+  (dropout only on attention probabilities and on each sublayer's output). ``init: zero_shot`` is our
+  departure: positions N(0, 0.02) and a scorer that starts as the zero-shot cosine (multiply fusion).
 
 ``clip_loss_weight`` adds the in-batch CLIP loss to the other two modes, so a backbone trained from
 scratch learns to match texts and images while the head learns the set; with a real backbone leave it
 at 0 and freeze the backbone or give it a small learning rate (``optim.lr_backbone``, 2e-6 in the paper).
 Every mode reports the head's (or scorer's) accuracy and, for comparison, the zero-shot cosine accuracy
-of the same backbone, each overall, on video sets and on static sets, with chance (1/10) beside them.
+of the same backbone, each overall, on video sets and on static sets, with chance (1/10) and the strongest
+trivial baseline beside them: the best constant frame index on the same held-out sets (the synthetic
+video sets have a positional prior: "furthest along the motion" is the first or last frame).
 """
 from __future__ import annotations
 
@@ -42,12 +48,16 @@ class ContextualOptions(TaskOptions):
     layers: int = 2  # transformer encoder layers over the set
     heads: int = 8
     ffn_dim: int = 3072
-    dropout: float = 0.1
+    dropout: float = 0.1  # attention probabilities and each sublayer's output (BERT's two dropouts)
+    init: Literal["original", "zero_shot"] = "original"  # original: positions N(0, 1), default nn.Linear scorer;
+    # zero_shot (ours): positions N(0, 0.02), scorer weights initial_scale / s, so the head starts as the cosine
+    layer_norm_eps: float = 1e-12  # the original's BERT LayerNorm; torch's default is 1e-5
+    ffn_dropout: bool = False  # also drop out after the FFN's GELU (torch's encoder layer); the original does not
     clip_loss_weight: float = 0.0  # + this * in-batch CLIP loss (description vs target frame); 1.0 from scratch
     init_logit_scale: float | None = None  # contrastive / CLIP losses; None: the backbone's own
 
 
-def contextual_accuracy(scores: torch.Tensor, targets: torch.Tensor, static: torch.Tensor) -> dict[str, float]:
+def contextual_accuracy(scores: torch.Tensor, targets: torch.Tensor, static: torch.Tensor) -> dict[str, Any]:
     """Top-1 accuracy over all sets, video sets and static sets; chance is 1 / candidates.
 
     Args:
@@ -56,7 +66,9 @@ def contextual_accuracy(scores: torch.Tensor, targets: torch.Tensor, static: tor
         static: [N] bool, True for static (unordered) sets.
     Returns:
         ``accuracy``, ``accuracy_video`` / ``accuracy_static`` (left out when there are no such sets),
-        ``accuracy_chance``, ``num_video``, ``num_static``.
+        ``accuracy_chance``, ``num_video``, ``num_static``, and the strongest trivial baseline:
+        ``accuracy_baseline`` (the best constant index on these sets; lowest index on ties) with
+        ``accuracy_baseline_rule`` ("index k"), and the same per subset (``accuracy_video_baseline``, ...).
     """
     if scores.ndim != 2 or scores.shape[0] != targets.shape[0] or targets.shape != static.shape:
         raise ValueError(f"scores [N, C], targets [N], static [N] expected; got {tuple(scores.shape)}, "
@@ -65,10 +77,21 @@ def contextual_accuracy(scores: torch.Tensor, targets: torch.Tensor, static: tor
     static = static.bool()
     out = {"accuracy": float(correct.mean()) if len(correct) else 0.0, "accuracy_chance": 1.0 / scores.shape[1],
            "num_video": int((~static).sum()), "num_static": int(static.sum())}
+    out.update(_constant_index_baseline("accuracy", targets, scores.shape[1]))
     for name, subset in (("video", ~static), ("static", static)):
         if subset.any():
             out[f"accuracy_{name}"] = float(correct[subset].mean())
+            out.update(_constant_index_baseline(f"accuracy_{name}", targets[subset], scores.shape[1]))
     return out
+
+
+def _constant_index_baseline(key: str, targets: torch.Tensor, num_candidates: int) -> dict[str, Any]:
+    """Accuracy of always answering the most frequent target index (the lowest on ties), and that rule."""
+    if not len(targets):
+        return {}
+    counts = torch.bincount(targets.long(), minlength=num_candidates)
+    best = int(counts.argmax())  # first maximum
+    return {f"{key}_baseline": float(counts[best]) / len(targets), f"{key}_baseline_rule": f"index {best}"}
 
 
 class ContextualHead(nn.Module):
@@ -81,13 +104,16 @@ class ContextualHead(nn.Module):
         if width % options.heads:
             raise ValueError(f"contextual head: width {width} is not divisible by heads={options.heads}")
         self.positions = nn.Parameter(torch.zeros(options.num_candidates, width))
-        nn.init.normal_(self.positions, std=0.02)
+        nn.init.normal_(self.positions, std=1.0 if options.init == "original" else 0.02)  # original: nn.Embedding
         self.layers = nn.ModuleList(
             nn.TransformerEncoderLayer(width, options.heads, options.ffn_dim, options.dropout, activation="gelu",
-                                       batch_first=True, norm_first=False)
+                                       layer_norm_eps=options.layer_norm_eps, batch_first=True, norm_first=False)
             for _ in range(options.layers))
+        if not options.ffn_dropout:
+            for layer in self.layers:
+                layer.dropout = nn.Identity()  # the one between the FFN's GELU and its second linear
         self.score = nn.Linear(width, 1)
-        if options.fusion == "multiply":
+        if options.init == "zero_shot" and options.fusion == "multiply":
             self._start_as_zero_shot(initial_scale)
 
     def _start_as_zero_shot(self, initial_scale: float) -> None:

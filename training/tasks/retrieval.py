@@ -3,7 +3,10 @@
 Head: the backbone's own projections plus a learnable logit scale. Loss: symmetric InfoNCE where
 every pair with the same caption is a positive (multi-positive), gathered across ranks.
 Metrics: image->text / text->image R@1/5/10, zero-shot top-1/top-5 from class prompts, and the
-original work's candidate-batch precision/recall/F1 (cosine similarity, threshold).
+original work's candidate-batch precision/recall/F1 (cosine similarity, threshold): ``candidate_precision``
+/ ``_recall`` / ``_f1`` are the original's figures (per batch, the mean over the "relevant" and "not relevant"
+classes, as sklearn's per-class arrays; the query class uniform among the batch's distinct classes), and
+``candidate_*_relevant`` the relevant class alone.
 """
 from __future__ import annotations
 
