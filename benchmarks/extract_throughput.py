@@ -118,6 +118,38 @@ def plain_run(run: Path, shards: Path, batch_size: int) -> dict:
             "images_per_s_after_first_batch": round((n - batch_size) / (time.perf_counter() - first), 2)}
 
 
+def openclip_webdataset_run(run: Path, shards: Path, batch_size: int) -> dict:
+    """What a user would write without this project: open_clip's model and transform, a webdataset
+    pipeline over the same shards, one process (the run's own open_clip.safetensors weights)."""
+    import glob
+
+    import open_clip
+    import torch
+    import webdataset as wds
+
+    from training.backbone import register_model_configs
+
+    config = json.loads((run / "final" / "config.json").read_text())
+    register_model_configs(config["model"]["model_config_dir"])
+    torch.set_num_threads(os.cpu_count() or 1)
+    start = time.perf_counter()
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        config["model"]["name"], pretrained=str(run / "final" / "open_clip.safetensors"))
+    model.eval()
+    urls = sorted(glob.glob(str(shards / "*.tar")))
+    pipeline = (wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg;png;jpeg;webp", "__key__")
+                .map_tuple(preprocess, lambda key: key).batched(batch_size))
+    n, first = 0, None
+    with torch.no_grad():
+        for images, _ in pipeline:
+            model.encode_image(images)
+            n += len(images)
+            first = first or time.perf_counter()
+    seconds = time.perf_counter() - start
+    return {"images": n, "seconds": round(seconds, 2), "images_per_s": round(n / seconds, 2),
+            "images_per_s_after_first_batch": round((n - batch_size) / (time.perf_counter() - first), 2)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-32")
@@ -158,13 +190,14 @@ def main() -> int:
         print(json.dumps(summary, indent=1))
         return 0
     results: dict[str, list] = {"ray_1_actor": [], "ray_2_actors": [], "onnx_int8_1_actor": [],
-                                "onnx_int8_2_actors": [], "plain_loop": []}
+                                "onnx_int8_2_actors": [], "plain_loop": [], "openclip_webdataset_loop": []}
     for round_ in range(args.rounds):
         results["onnx_int8_1_actor"].append(ray_run(onnx_spec, shards, work / f"q1-{round_}", 1, args.batch_size))
         results["onnx_int8_2_actors"].append(ray_run(onnx_spec, shards, work / f"q2-{round_}", 2, args.batch_size))
         results["ray_1_actor"].append(ray_run(torch_spec, shards, work / f"o1-{round_}", 1, args.batch_size))
         results["ray_2_actors"].append(ray_run(torch_spec, shards, work / f"o2-{round_}", 2, args.batch_size))
         results["plain_loop"].append(plain_run(run, shards, args.batch_size))
+        results["openclip_webdataset_loop"].append(openclip_webdataset_run(run, shards, args.batch_size))
         print(json.dumps({k: v[-1] for k, v in results.items()}, indent=1), flush=True)
     ray.shutdown()
     one, two = results["ray_1_actor"][-1], results["ray_2_actors"][-1]
@@ -177,6 +210,8 @@ def main() -> int:
                "onnx_int8_speedup_2_vs_1_actor": round(q2["images_per_s_after_first_batch"]
                                                        / q1["images_per_s_after_first_batch"], 2),
                "onnx_int8_2_actors_vs_plain_loop": round(q2["images_per_s"] / plain["images_per_s"], 2),
+               "onnx_int8_2_actors_vs_openclip_webdataset_loop": round(
+                   q2["images_per_s"] / results["openclip_webdataset_loop"][-1]["images_per_s"], 2),
                "torch_2_actors_vs_plain_loop": round(two["images_per_s"] / plain["images_per_s"], 2),
                "load_average_at_end": os.getloadavg()}
     Path(args.out).write_text(json.dumps(summary, indent=1))
