@@ -41,19 +41,48 @@ def test_world_is_deterministic_and_complete() -> None:
     assert meta == describe_geo(0) and meta != describe_geo(1)
     assert json.loads(json.dumps(meta)) == meta  # meta.json-ready
     labels = labels_of(meta)
-    assert len(labels["location"]) == len(set(labels["location"])) == 12
+    assert len(labels["location"]) == len(set(labels["location"])) == 18  # 12 seen + 6 knowledge-only cities
     assert len(labels["time"]) == len(set(labels["time"])) == 10 * 13
     assert meta["classes"] == labels["location"]
     names = [part for label in labels["location"] for part in label.split(", ")]
-    assert len(set(names)) == 12 + 6 + 3  # no name is shared between cities, countries and regions
+    assert len(set(names)) == 18 + 6 + 3  # no name is shared between cities, countries and regions
+    unseen = synth_geo.unseen_labels(meta)
+    assert len(unseen["location"]) == 6 and unseen["time"] == []
+    assert [label.split(", ")[0] for label in unseen["location"]] == meta["unseen_cities"]
+    assert not set(meta["unseen_cities"]) & set(meta["rare_cities"])
     years = [year["year"] for decade in meta["decades"] for year in decade["years"]]
     assert [y // 10 * 10 for y in years] == [1970, 1970, 1980, 1980, 1990, 1990, 2000, 2000, 2010, 2010]
     cities = [(city["landmark"], city["colour"]) for region in meta["regions"] for country in region["countries"]
               for city in country["cities"]]
-    assert len(set(cities)) == 12  # every city has its own landmark
+    assert len(set(cities)) == 18  # every city has its own landmark
     for region in meta["regions"]:
         for country in region["countries"]:
-            assert len({city["landmark"] for city in country["cities"]}) == 2
+            assert len({city["landmark"] for city in country["cities"]}) == 3
+            assert [bool(city.get("knowledge_only")) for city in country["cities"]] == [False, False, True]
+
+
+def test_knowledge_only_cities_are_held_out_only(tmp_path: Path) -> None:
+    """Training photos never show a knowledge-only city (and are those of the 12-city world: zero weights
+    change no draw); held-out photos do, at ``unseen_val_weight``; labels.json marks them unseen."""
+    meta = describe_geo(0)
+    unseen = set(synth_geo.unseen_labels(meta)["location"])
+    train = [make_geo_sample(random.Random(f"t/{i}"), "train", 24, meta)[1]["gold_location"] for i in range(600)]
+    assert not unseen & set(train) and len(set(train)) == 12
+    closed = json.loads(json.dumps(meta))
+    for region in closed["regions"]:
+        for country in region["countries"]:
+            country["cities"] = country["cities"][:2]
+    assert train == [make_geo_sample(random.Random(f"t/{i}"), "train", 24, closed)[1]["gold_location"]
+                     for i in range(600)]
+    many = {**meta, "unseen_val_weight": 1.0}
+    val = [make_geo_sample(random.Random(f"v/{i}"), "val", 24, many)[1]["gold_location"] for i in range(300)]
+    assert set(val) >= unseen and 0.35 < sum(v in unseen for v in val) / len(val) < 0.65  # 6 / 12.3 expected
+    synth_geo.write_geo_extras(tmp_path, meta, 0)
+    labels = json.loads((tmp_path / "labels.json").read_text())
+    assert labels["unseen"] == {"location": sorted(unseen, key=labels["location"].index), "time": []}
+    corpus = (tmp_path / "knowledge.txt").read_text()
+    for name in meta["unseen_cities"]:
+        assert corpus.count(name) >= 3  # described like every other city
     flags = [json.dumps(country["flag"]) for region in meta["regions"] for country in region["countries"]]
     cars = [(year["car"], year["colour"]) for decade in meta["decades"] for year in decade["years"]]
     assert len(set(flags)) == 6 and len(set(cars)) == 10
@@ -86,7 +115,7 @@ def test_samples_are_deterministic_and_valid() -> None:
         assert normalise_time(time) == time
         year_only += "-" not in time
     assert 20 <= year_only <= 60  # about a fifth
-    assert len({fields["gold_location"] for _, fields in first}) == 12
+    assert len({fields["gold_location"] for _, fields in first}) == 12  # training photos: the 12 seen cities
 
 
 def scene_indices(meta: dict, scene: dict) -> dict:
@@ -264,10 +293,18 @@ def tara_fixture(root: Path) -> tuple[Path, list[dict[str, Any]], dict[str, byte
     return images, records, kept
 
 
+# label_fields="gold": the gold fields are needed; the suggest fields are written when usable, else null
 EXPECTED_SUMMARY = {"read": 8, "written": 3,
-                    "skipped": {"bad_location": 2, "bad_time": 1, "corrupt_image": 1, "missing_image": 1}}
+                    "skipped": {"bad_location": 2, "bad_time": 1, "corrupt_image": 1, "missing_image": 1},
+                    "label_fields": "gold",
+                    "unusable_labels": {"gold_location_suggest": {"null": 2, "invalid": 0},
+                                        "gold_time_suggest": {"null": 1, "invalid": 1}}}
 EXPECTED_LABELS = {"location": ["Brooklyn, New York, United States", "Kenya", "Paris, France"],
-                   "time": ["1998", "2001", "2017-5-23"]}
+                   "time": ["1998", "2001", "2017-5-23"],
+                   "gold_location": ["Brooklyn, New York, United States", "Kenya", "Paris, France"],
+                   "gold_location_suggest": ["New York, United States"],
+                   "gold_time": ["1998", "2001", "2017-5-23"],
+                   "gold_time_suggest": ["2017-5"]}
 
 
 def converted(out: Path) -> dict[str, dict[str, Any]]:
@@ -304,28 +341,33 @@ def check_converted(out: Path, kept: dict[str, bytes], summary: dict[str, Any], 
     }
     assert a["txt"] == a["caption"]
     assert (b["caption"], b["gold_location_suggest"], b["gold_time_suggest"], b["abstract"]) == (
-        "a photo taken in Kenya in 1998", "Kenya", "1998", "")
-    # Empty or invalid suggestions fall back to the gold labels; locations are re-spaced.
+        "a photo taken in Kenya in 1998", None, None, "")
+    # Empty or invalid suggestions are written as null, never replaced by the gold label, and counted;
+    # locations are re-spaced.
     assert (c["label"], c["gold_time"], c["gold_location_suggest"], c["gold_time_suggest"]) == (
-        "Paris, France", "2001", "Paris, France", "2001")
+        "Paris, France", "2001", None, None)
+    assert c["label_problems"] == {"gold_time_suggest": "'2001-2-30'"} and "label_problems" not in a
     assert [{k: s[k] for k in ("row", "id") if k in s} for s in (a, b, c)] == references
 
 
 def test_convert_tara_json_list(tmp_path: Path) -> None:
     images, records, kept = tara_fixture(tmp_path)
     (tmp_path / "tara.json").write_text(json.dumps(records))
-    summary = convert_tara(tmp_path / "tara.json", images, tmp_path / "out", shard_size=2)
+    summary = convert_tara(tmp_path / "tara.json", images, tmp_path / "out", shard_size=2, label_fields="gold")
     check_converted(tmp_path / "out", kept, summary, [{"row": 1}, {"row": 2}, {"row": 3}])
     assert len(list((tmp_path / "out").glob("shard-*.tar"))) == 2
     with pytest.raises(FileExistsError):
-        convert_tara(tmp_path / "tara.json", images, tmp_path / "out")
-    assert convert_tara(tmp_path / "tara.json", images, tmp_path / "out", overwrite=True) == EXPECTED_SUMMARY
+        convert_tara(tmp_path / "tara.json", images, tmp_path / "out", label_fields="gold")
+    assert convert_tara(tmp_path / "tara.json", images, tmp_path / "out", overwrite=True,
+                        label_fields="gold") == EXPECTED_SUMMARY
+    with pytest.raises(ValueError):
+        convert_tara(tmp_path / "tara.json", images, tmp_path / "bad", label_fields="suggested")
 
 
 def test_convert_tara_dict_of_ids(tmp_path: Path) -> None:
     images, records, kept = tara_fixture(tmp_path)
     (tmp_path / "tara.json").write_text(json.dumps({f"id{i}": record for i, record in enumerate(records)}))
-    summary = convert_tara(tmp_path / "tara.json", images, tmp_path / "out")
+    summary = convert_tara(tmp_path / "tara.json", images, tmp_path / "out", label_fields="gold")
     check_converted(tmp_path / "out", kept, summary, [{"id": "id0"}, {"id": "id1"}, {"id": "id2"}])
 
 
@@ -339,10 +381,10 @@ def test_convert_tara_json_lines_through_the_cli_arguments(tmp_path: Path) -> No
     add_tara_arguments(parser)
     convert.add_common_arguments(parser)
     args = parser.parse_args(["--records", str(tmp_path / "tara.jsonl"), "--images", str(images),
-                              "--out", str(tmp_path / "out"), "--shard-size", "5"])
+                              "--out", str(tmp_path / "out"), "--shard-size", "5", "--label-fields", "gold"])
     summary = convert_tara(**vars(args))
     expected = {**EXPECTED_SUMMARY, "read": 10,
-                "skipped": {**EXPECTED_SUMMARY["skipped"], "bad_row": 2}}
+                "skipped": dict(sorted({**EXPECTED_SUMMARY["skipped"], "bad_row": 2}.items()))}
     assert summary == {**expected, "skipped": dict(sorted(expected["skipped"].items()))}
     samples = converted(tmp_path / "out")
     assert [samples[s]["row"] for s in ("a.jpg", "b photo.png", "sub/c.jpg")] == [1, 3, 6]
@@ -355,11 +397,58 @@ def test_convert_tara_errors_and_time_parsing(tmp_path: Path) -> None:
     (tmp_path / "tara.json").write_text("[]")
     with pytest.raises(FileNotFoundError):
         convert_tara(tmp_path / "tara.json", tmp_path / "no-images", tmp_path / "out")
-    assert convert_tara(tmp_path / "tara.json", tmp_path, tmp_path / "out") == {"read": 0, "written": 0,
-                                                                                  "skipped": {}}
-    assert json.loads((tmp_path / "out" / "labels.json").read_text()) == {"location": [], "time": []}
-    good = {"2017": "2017", "2017-5": "2017-5", "2017-05-23": "2017-5-23", "2016-2-29": "2016-2-29", 1999: "1999"}
+    assert convert_tara(tmp_path / "tara.json", tmp_path, tmp_path / "out") == {
+        "read": 0, "written": 0, "skipped": {}, "label_fields": "suggest", "unusable_labels": {}}
+    assert json.loads((tmp_path / "out" / "labels.json").read_text()) == {
+        "location": [], "time": [], "gold_location": [], "gold_location_suggest": [], "gold_time": [],
+        "gold_time_suggest": []}
+    good = {"2017": "2017", "2017-5": "2017-5", "2017-05-23": "2017-5-23", "2016-2-29": "2016-2-29", 1999: "1999",
+            "1990s": "1990s", "20 century": "20 century", "1st century": "1st century", " 21  century": "21 century"}
     for value, expected in good.items():
         assert normalise_time(value) == expected
-    for value in ("2017-13", "2017-0", "2017-2-30", "2017-5-0", "17", "2017/5", "May 2017", "", None, True, 2.5):
+    for value in ("2017-13", "2017-0", "2017-2-30", "2017-5-0", "17", "2017/5", "May 2017", "", None, True, 2.5,
+                  "1995s", "90s", "century", "20th century"):
         assert normalise_time(value) is None, value
+
+
+def test_convert_tara_suggest_fields_by_default(tmp_path: Path) -> None:
+    """Records shaped like TARA's published ones: the suggest fields are the labels (TARA's experiments);
+    a record whose suggestion is null or unusable is skipped and counted, never given the gold label."""
+    images = tmp_path / "images"
+    for name in ("n1.jpg", "n2.jpg", "n3.jpg", "n4.jpg", "n5.jpg", "n6.jpg"):
+        save_image(images / name, (120, 60, 30))
+    base = "https://static01.nyt.com/images/2017/05/23/"
+    records = [
+        {"image_url": base + "n1.jpg", "gold_location": "Brooklyn, New York, United States",
+         "gold_location_suggest": "New York, United States", "gold_time": "1970-1-1", "gold_time_suggest": "1970s",
+         "abstract": "x"},
+        {"image_url": base + "n2.jpg", "gold_location": "Tbilisi, Georgia", "gold_location_suggest": "Georgia",
+         "gold_time": "1905-03-02", "gold_time_suggest": "20 century"},
+        {"image_url": base + "n3.jpg", "gold_location": "Oslo, Norway", "gold_location_suggest": "Oslo, Norway",
+         "gold_time": "2010-2-3", "gold_time_suggest": None},  # null suggestion: skipped, not the gold date
+        {"image_url": base + "n4.jpg", "gold_location": "Lima, Peru", "gold_location_suggest": None,
+         "gold_time": "2010", "gold_time_suggest": "2010"},
+        {"image_url": base + "n5.jpg", "gold_location": "Rome, Italy", "gold_location_suggest": "Rome, Italy",
+         "gold_time": "2011", "gold_time_suggest": "sometime in the 2010s"},  # invalid suggestion
+        {"image_url": base + "n6.jpg", "gold_location": None, "gold_location_suggest": "Kenya",
+         "gold_time": "not a date", "gold_time_suggest": "2001-05-03"},  # gold unusable, suggest fine
+    ]
+    (tmp_path / "tara.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = convert_tara(tmp_path / "tara.jsonl", images, tmp_path / "out")
+    assert summary == {"read": 6, "written": 3,
+                       "skipped": {"bad_time_suggest": 1, "no_location_suggest": 1, "no_time_suggest": 1},
+                       "label_fields": "suggest",
+                       "unusable_labels": {"gold_location": {"null": 1, "invalid": 0},
+                                           "gold_time": {"null": 0, "invalid": 1}}}
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
+    samples = converted(tmp_path / "out")
+    assert (samples["n1.jpg"]["gold_time_suggest"], samples["n1.jpg"]["gold_time"]) == ("1970s", "1970-1-1")
+    assert samples["n1.jpg"]["label"] == "New York, United States"
+    assert samples["n1.jpg"]["caption"] == "a photo taken in New York, United States in 1970s"
+    assert samples["n2.jpg"]["gold_time_suggest"] == "20 century" and samples["n2.jpg"]["gold_time"] == "1905-3-2"
+    assert samples["n6.jpg"]["gold_location"] is None and samples["n6.jpg"]["gold_time_suggest"] == "2001-5-3"
+    assert samples["n6.jpg"]["label_problems"] == {"gold_time": "'not a date'"}
+    labels = json.loads((tmp_path / "out" / "labels.json").read_text())
+    assert labels["location"] == labels["gold_location_suggest"] == ["Georgia", "Kenya", "New York, United States"]
+    assert labels["time"] == ["1970s", "20 century", "2001-5-3"]
+    assert labels["gold_time"] == ["1905-3-2", "1970-1-1"]

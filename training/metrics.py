@@ -128,10 +128,24 @@ def candidate_batch_prf(
     repeatedly draw ``perm = torch.randperm(N, generator=g)`` and cut it into
     consecutive full batches (an incomplete tail is dropped), until ``num_batches``
     batches exist (default: the batches of one permutation). Then, per batch in
-    order, ``j = torch.randint(batch_size, (1,), generator=g)`` picks the query
-    class ``cand_labels[batch[j]]``. Retrieved: cosine >= threshold; relevant:
-    label == query class. P = TP/retrieved (0 if none retrieved), R = TP/relevant,
-    F1 = 2PR/(P+R) (0 if P+R == 0). Returns macro means and the batch count.
+    order, the query class is drawn uniformly among the batch's distinct labels:
+    ``u = torch.unique(cand_labels[batch])`` (sorted), ``cls = u[torch.randint(len(u),
+    (1,), generator=g)]`` (clip_ir.py: ``random.choice`` over the set of labels).
+    Retrieved: cosine >= threshold; relevant: label == query class.
+
+    As the original (sklearn ``precision_recall_fscore_support`` with its defaults,
+    then the mean of the per-class arrays), each batch is scored as a two-class
+    problem, "relevant" and "not relevant", each class with its own P/R/F1
+    (not relevant: TP = not retrieved and not relevant). A class enters the mean
+    only if it occurs among the batch's truths or predictions (sklearn's labels),
+    so a batch that is all relevant and all retrieved scores the relevant class
+    alone. A 0/0 ratio is 0 (sklearn's default ``zero_division="warn"``):
+    P = 0 if the class is never predicted, R = 0 if it never occurs,
+    F1 = 2PR/(P+R), 0 if P+R == 0.
+
+    Returns ``precision``/``recall``/``f1``: the means over batches of that two-class
+    mean (the original's figures); ``precision_relevant``/``recall_relevant``/
+    ``f1_relevant``: the relevant class alone; and ``batches``.
     """
     q = torch.as_tensor(query_emb, dtype=torch.float64)
     x = torch.as_tensor(cand_emb, dtype=torch.float64)
@@ -159,21 +173,28 @@ def candidate_batch_prf(
         batches.extend(perm[i * batch_size : (i + 1) * batch_size] for i in range(per_perm))
     batches = batches[:wanted]
 
-    ps, rs, fs = [], [], []
+    def prf(tp: int, n_pred: int, n_true: int) -> tuple[float, float, float]:
+        p = tp / n_pred if n_pred else 0.0
+        r = tp / n_true if n_true else 0.0
+        return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+    both, rel = [], []  # per batch: (P, R, F1) two-class mean / relevant class
     for idx in batches:
-        j = int(torch.randint(batch_size, (1,), generator=g))
-        cls = int(y[idx[j]])
+        present = torch.unique(y[idx])
+        cls = int(present[int(torch.randint(len(present), (1,), generator=g))])
         retrieved = sim[idx, cls] >= threshold
         relevant = y[idx] == cls
-        tp = int((retrieved & relevant).sum())
-        n_ret, n_rel = int(retrieved.sum()), int(relevant.sum())
-        p = tp / n_ret if n_ret else 0.0
-        r = tp / n_rel
-        ps.append(p)
-        rs.append(r)
-        fs.append(2 * p * r / (p + r) if p + r else 0.0)
+        scores = [prf(int((retrieved & relevant).sum()), int(retrieved.sum()), int(relevant.sum()))]
+        rel.append(scores[0])
+        n_not_ret, n_not_rel = int((~retrieved).sum()), int((~relevant).sum())
+        if n_not_ret or n_not_rel:  # "not relevant" occurs in truths or predictions
+            scores.append(prf(int((~retrieved & ~relevant).sum()), n_not_ret, n_not_rel))
+        both.append([sum(v) / len(scores) for v in zip(*scores)])
     m = len(batches)
-    return {"precision": sum(ps) / m, "recall": sum(rs) / m, "f1": sum(fs) / m, "batches": m}
+    out = {k: sum(b[i] for b in both) / m for i, k in enumerate(("precision", "recall", "f1"))}
+    out.update({f"{k}_relevant": sum(b[i] for b in rel) / m for i, k in enumerate(("precision", "recall", "f1"))})
+    out["batches"] = m
+    return out
 
 
 def cyclic_distance(a, b, period: float) -> torch.Tensor:
@@ -207,42 +228,102 @@ def cyclic_positives(query_values, gallery_values, tolerance: float, period: flo
 
 # --- TARA protocol (geo_time) -------------------------------------------------------------------
 
+PROMPT_PREFIX = "a photo taken in "  # TARA's prompt; its scorer leaves it glued to the first location part
+MONTH_NAMES = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+               "November", "December")
+
+
+def strip_prompt(label) -> str:
+    """The label without TARA's "a photo taken in " prefix (the scorer's labels are prompts)."""
+    text = str(label).strip()
+    return text[len(PROMPT_PREFIX):].strip() if text.startswith(PROMPT_PREFIX) else text
+
+
+def century_name(year: int) -> str:
+    """TARA's century name: "1st century" up to year 100, else "N century" (2000 is in the 20th)."""
+    return "1st century" if year <= 100 else f"{(year - 1) // 100 + 1} century"
+
+
 def _date_parts(label: str) -> list[int]:
-    parts = [int(p) for p in str(label).strip().split("-")]
+    """[year], [year, month] or [year, month, day] of "2017-05-23" (zero padding read as the scorer does,
+    by int) or of the prompt form "May 23, 2017" / "May, 2017"; ValueError for anything else."""
+    text = str(label).strip()
+    if "," in text or text[:1].isalpha():
+        head, _, year = text.rpartition(", ")
+        words = head.split()
+        if not words or words[0] not in MONTH_NAMES or len(words) > 2:
+            raise ValueError(f"not a time label: {label!r}")
+        text = "-".join([year, str(MONTH_NAMES.index(words[0]) + 1), *words[1:]])
+    try:
+        parts = [int(p) for p in text.split("-")]
+    except ValueError:
+        raise ValueError(f"not a YYYY, YYYY-M, YYYY-M-D, decade or century time label: {label!r}") from None
     if not 1 <= len(parts) <= 3 or (len(parts) > 1 and not 1 <= parts[1] <= 12) or \
             (len(parts) > 2 and not 1 <= parts[2] <= 31):
-        raise ValueError(f"not a YYYY, YYYY-M or YYYY-M-D time label: {label!r}")
+        raise ValueError(f"not a YYYY, YYYY-M, YYYY-M-D, decade or century time label: {label!r}")
     return parts
 
 
-def time_hierarchy(label: str) -> set[str]:
-    """Century, decade, year, year-month, date: as many levels as the label has."""
-    parts = _date_parts(label)
+def time_levels(label: str) -> list[str]:
+    """TARA's time hierarchy, as the scorer names its levels.
+
+    A label naming a century ("20 century") is one level; a decade "1990s" is [century, decade]; a date
+    is [century, decade, year, year-month, year-month-day] as far as it goes ("2017-5" -> ["21 century",
+    "2010s", "2017", "2017-5"]). The "a photo taken in " prefix is dropped first.
+    """
+    text = strip_prompt(label)
+    if "century" in text:
+        return [text]
+    if text.endswith("s") and text[:-1].isdigit():
+        return [century_name(int(text[:-1])), text]
+    parts = _date_parts(text)
     year = parts[0]
-    levels = {f"century:{(year - 1) // 100 + 1}", f"decade:{year // 10 * 10}", f"year:{year}"}
+    levels = [century_name(year), f"{year // 10 * 10}s", str(year)]
     if len(parts) > 1:
-        levels.add(f"month:{year}-{parts[1]}")
+        levels.append(f"{year}-{parts[1]}")
     if len(parts) > 2:
-        levels.add(f"date:{year}-{parts[1]}-{parts[2]}")
+        levels.append(f"{year}-{parts[1]}-{parts[2]}")
     return levels
 
 
-def location_hierarchy(label: str) -> set[str]:
-    """Split on ", "; with more than 3 parts: [all but the last two joined, second-to-last, last]."""
-    parts = [p.strip() for p in str(label).split(", ") if p.strip()]
-    if len(parts) > 3:
-        parts = [", ".join(parts[:-2]), parts[-2], parts[-1]]
-    return {f"{level}:{part}" for level, part in zip(range(len(parts), 0, -1), parts)}
+def time_hierarchy(label: str) -> set[str]:
+    """The set of ``time_levels``: century, decade, year, year-month, date (as many as the label has)."""
+    return set(time_levels(label))
 
+def location_levels(label: str) -> list[str]:
+    """Split on ", "; with more than 3 parts: [all but the last two joined, second-to-last, last].
+
+    The "a photo taken in " prefix is dropped first (TARA's scorer leaves it glued to the first part).
+    """
+    parts = [p.strip() for p in strip_prompt(label).split(", ") if p.strip()]
+    return [", ".join(parts[:-2]), parts[-2], parts[-1]] if len(parts) > 3 else parts
+
+
+def location_hierarchy(label: str, depth_aware: bool = False) -> set[str]:
+    """The set of location names, compared as plain strings across levels as TARA's scorer does
+    ("Georgia, United States" and "Tbilisi, Georgia" share "Georgia"). ``depth_aware`` tags each name
+    with its depth from the end (1 = last), so a name only matches at the same level."""
+    parts = location_levels(label)
+    if not depth_aware:
+        return set(parts)
+    return {f"{depth}:{part}" for depth, part in zip(range(len(parts), 0, -1), parts)}
+
+
+def location_hierarchy_depth_aware(label: str) -> set[str]:
+    return location_hierarchy(label, depth_aware=True)
 
 def example_f1(predictions: Sequence[str], golds: Sequence[str], hierarchy) -> float:
-    """Mean over examples of 2|P ∩ G| / (|P| + |G|) over hierarchical label sets."""
+    """Mean over examples of 2|P ∩ G| / (|P| + |G|) over hierarchical label sets.
+
+    |P| and |G| count distinct names (TARA's scorer divides by list lengths, so an identical label with a
+    repeated name, "New York, New York, United States", scores 2/3 against itself there and 1 here).
+    """
     if len(predictions) != len(golds):
         raise ValueError(f"{len(predictions)} predictions vs {len(golds)} gold labels")
     if not golds:
         raise ValueError("no examples")
     total = 0.0
     for pred, gold in zip(predictions, golds):
-        p, g = hierarchy(pred), hierarchy(gold)
+        p, g = set(hierarchy(pred)), set(hierarchy(gold))
         total += 2 * len(p & g) / (len(p) + len(g))
     return total / len(golds)

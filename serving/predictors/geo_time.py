@@ -15,8 +15,13 @@ MONTHS = ("January", "February", "March", "April", "May", "June", "July", "Augus
 
 
 def rewrite_time_label(label: str) -> str:
-    """TARA's prompt form ("2017-5" -> "May, 2017"); the training task uses this one too."""
-    parts = [int(p) for p in str(label).strip().split("-")]
+    """TARA's natural form of a time label ("2017-5" -> "May, 2017"); decades ("1990s") and centuries
+    ("20 century") stay as written, as TARA's ``time_label_2natural`` leaves one-part labels. The
+    training task uses this one too."""
+    text = str(label).strip()
+    if "century" in text or (text.endswith("s") and text[:-1].isdigit()):
+        return text
+    parts = [int(p) for p in text.split("-")]
     if not 1 <= len(parts) <= 3 or (len(parts) > 1 and not 1 <= parts[1] <= 12) or \
             (len(parts) > 2 and not 1 <= parts[2] <= 31):
         raise ValueError(f"not a YYYY, YYYY-M or YYYY-M-D time label: {label!r}")

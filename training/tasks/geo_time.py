@@ -12,12 +12,21 @@ candidate label prompts, cross-entropy over all of them; its scores are added to
 with a learned gate per quantity.
 Metrics (TARA): top-1 accuracy and Example-F1 over hierarchical labels: base (quantity module alone),
 knowledge (with the relevance module) and no_knowledge (the relevance module given no retrieved texts:
-the control that shows what the knowledge itself adds).
+the control that shows what the knowledge itself adds). Labels come from ``gold_location_suggest`` and
+``gold_time_suggest`` by default (TARA's experiments), ``location_field``/``time_field`` choose others.
+Every metric ``m`` comes with ``m_chance`` (uniform guessing over the candidates), ``m_baseline`` and
+``m_baseline_rule`` (the strongest trivial rule on the same held-out labels: the majority label, or the
+parent prior, which reads the gold label's parent level, e.g. the country, and answers its most common
+label). With ``labels.json`` listing ``unseen`` labels (absent from training, described in the knowledge
+corpus), every metric is also reported on the examples of those labels (``*_unseen``) and of the rest
+(``*_seen``).
 """
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -38,12 +47,18 @@ from training.tasks.base import Task, TaskOptions
 
 QUANTITIES = ("location", "time")
 GOLD_FIELDS = {"location": "gold_location", "time": "gold_time"}
+SUGGEST_FIELDS = {"location": "gold_location_suggest", "time": "gold_time_suggest"}  # what TARA's experiments use
+UNSEEN_KEY = "unseen"  # labels.json: {"unseen": {"location": [...], "time": [...]}}, labels absent from training
 
 
 class GeoTimeOptions(TaskOptions):
     num_cls_tokens: int = 4  # K extra [CLS] tokens per quantity
     stage: Literal["quantity", "relevance", "joint"] = "joint"  # what trains (relevance: tokens frozen)
     prompt: str = "a photo taken in {}"
+    location_field: str = SUGGEST_FIELDS["location"]  # json field of the location label (gold_location: the raw one)
+    time_field: str = SUGGEST_FIELDS["time"]  # json field of the time label (gold_time: the raw one)
+    # Example-F1 matches location names across levels, as TARA's scorer does; true: only at the same depth
+    location_f1_depth_aware: bool = False
     knowledge_corpus: str | None = None  # one text per line, CSV or JSONL (text column)
     knowledge_top_k: int = 4  # texts retrieved per [CLS] token
     knowledge_refresh_steps: int = 50  # joint stage: re-embed the corpus with the moving text tower this often
@@ -62,6 +77,12 @@ class GeoTimeOptions(TaskOptions):
 def prompt_text(template: str, quantity: str, label: str) -> str:
     """The TARA prompt: time labels are rewritten ("2017-5" -> "May, 2017") first."""
     return template.format(rewrite_time_label(label) if quantity == "time" else label)
+
+
+def resolve_labels(document: dict[str, Any], fields: dict[str, str]) -> dict[str, list[str]]:
+    """Candidates per quantity from labels.json: the list under the label field's own name when the file
+    has one (the TARA converter writes every field), else under the quantity ("location", "time")."""
+    return {q: list(document.get(fields[q], document.get(q, []))) for q in QUANTITIES}
 
 
 def check_vit(visual: nn.Module) -> None:
@@ -118,7 +139,8 @@ class GeoTimeTask(Task):
     encoder_only_options = {"knowledge_corpus": None, "labels_file": None, "stage": "quantity"}
     headline_metrics = ("location_top1_base", "location_top1_knowledge", "location_top1_no_knowledge",
                         "location_example_f1_base", "time_top1_base", "time_top1_knowledge", "time_top1_no_knowledge",
-                        "time_example_f1_base")
+                        "time_example_f1_base", "location_top1_base_unseen", "location_top1_knowledge_unseen",
+                        "location_top1_no_knowledge_unseen")  # *_unseen: labels absent from training, when marked
     Options = GeoTimeOptions
 
     def __init__(self, options: GeoTimeOptions, backbone: Backbone):
@@ -147,7 +169,11 @@ class GeoTimeTask(Task):
                 p.requires_grad_(False)
         self.description_logit_scale.requires_grad_(options.stage != "relevance" and bool(options.description_field))
         self.tokenizer = backbone.tokenizer
-        self.labels = json.loads(Path(options.labels_file).read_text()) if options.labels_file else None
+        self.fields = {"location": options.location_field, "time": options.time_field}
+        document = json.loads(Path(options.labels_file).read_text()) if options.labels_file else None
+        self.labels = resolve_labels(document, self.fields) if document else None
+        unseen = (document or {}).get(UNSEEN_KEY) or {}
+        self.unseen = {q: set(unseen.get(q, ())) for q in QUANTITIES}
         self.corpus_emb: torch.Tensor | None = None  # filled by prepare()
         self.candidate_emb: dict[str, torch.Tensor] = {}
 
@@ -157,7 +183,13 @@ class GeoTimeTask(Task):
         out = {"task": "geo_time", "key": sample["__key__"],
                "image": (backbone.preprocess_train if train else backbone.preprocess_val)(sample["image"])}
         for q in QUANTITIES:
-            label = str(meta[GOLD_FIELDS[q]]).strip()
+            field = self.fields[q]
+            value = meta.get(field)
+            if value is None or not str(value).strip():
+                raise ValueError(f"geo_time: sample {sample['__key__']!r} has no usable {field!r} label "
+                                 f"(tasks.options.{q}_field; the TARA converter skips such records by default "
+                                 "and counts them in summary.json)")
+            label = str(value).strip()
             out[f"{q}_label"] = label
             out[f"{q}_prompt"] = backbone.tokenizer([prompt_text(self.options.prompt, q, label)])[0]
         field = self.options.description_field
@@ -302,14 +334,13 @@ class GeoTimeTask(Task):
             candidates = sorted(set(golds[q]))  # TARA: the unique labels of the test set
             cand_emb = self.label_embeddings(backbone, q, candidates)
             base = (torch.cat(tokens[q]) @ cand_emb.T).amax(dim=1)  # max over the K tokens
-            result.update(score_predictions(q, [candidates[i] for i in base.argmax(1).tolist()], golds[q], "base"))
+            predictions = {"base": [candidates[i] for i in base.argmax(1).tolist()]}
             for name, parts in (("knowledge", fused[q]), ("no_knowledge", control[q])):
                 if parts:  # the relevance module with the retrieved texts, and without them (the control)
                     scores = self.knowledge_scores(q, torch.cat(tokens[q]), torch.cat(parts), cand_emb)
-                    predictions = [candidates[i] for i in scores.argmax(1).tolist()]
-                    result.update(score_predictions(q, predictions, golds[q], name))
-            for name in ("base", "knowledge", "no_knowledge"):
-                result[f"{q}_top1_{name}_chance"] = 1 / len(candidates)
+                    predictions[name] = [candidates[i] for i in scores.argmax(1).tolist()]
+            result.update(score_with_baselines(q, predictions, golds[q], candidates, self.unseen[q],
+                                               self.options.location_f1_depth_aware))
         return result
 
     def export_onnx(self, backbone: Backbone, features: torch.Tensor) -> HeadExport:
@@ -380,9 +411,93 @@ class GeoTimeRelevance(nn.Module):
         return self.task.knowledge_scores(self.quantity, tokens, fused, candidates)
 
 
-def score_predictions(quantity: str, predictions: list[str], golds: list[str], name: str) -> dict[str, float]:
+def hierarchy_of(quantity: str, depth_aware: bool = False):
+    """The label hierarchy Example-F1 compares: TARA's plain names by default (see metrics)."""
+    if quantity == "time":
+        return metrics.time_hierarchy
+    return partial(metrics.location_hierarchy, depth_aware=depth_aware)
+
+
+def score_predictions(quantity: str, predictions: list[str], golds: list[str], name: str,
+                      depth_aware: bool = False) -> dict[str, float]:
     """TARA top-1 accuracy and Example-F1 of predicted labels."""
-    hierarchy = metrics.time_hierarchy if quantity == "time" else metrics.location_hierarchy
     accuracy = sum(p == g for p, g in zip(predictions, golds)) / len(golds)
     return {f"{quantity}_top1_{name}": accuracy,
-            f"{quantity}_example_f1_{name}": metrics.example_f1(predictions, golds, hierarchy)}
+            f"{quantity}_example_f1_{name}": metrics.example_f1(predictions, golds, hierarchy_of(quantity, depth_aware))}
+
+
+def most_common(labels: Iterable[str]) -> str:
+    """The most frequent label; ties go to the first in sorted order."""
+    counts = Counter(labels)
+    return min(counts, key=lambda label: (-counts[label], label))
+
+
+def parent_level(quantity: str, label: str) -> str:
+    """What the parent-prior rule reads: the label less its finest level (a city's "Country, Region";
+    a date's year-month, a month's year, a year's decade), as TARA's hierarchies define the levels."""
+    if quantity == "time":
+        levels = metrics.time_levels(label)
+        return levels[-2] if len(levels) > 1 else ""
+    parts = metrics.location_levels(label)
+    return ", ".join(parts[1:])
+
+
+def prior_rules(quantity: str, golds: list[str]) -> dict[str, list[str]]:
+    """The trivial rules' predictions for the held-out gold labels, both fitted on those same labels.
+
+    ``majority``: always the most common label. ``parent prior``: read the gold label's parent level
+    (information the photo shows, e.g. the country's flag) and answer that parent's most common label.
+    Fitted on all the held-out labels, so on a subset of labels absent from training they score what a
+    prior can: (almost) nothing.
+    """
+    by_parent: dict[str, list[str]] = {}
+    for label in golds:
+        by_parent.setdefault(parent_level(quantity, label), []).append(label)
+    answer = {parent: most_common(labels) for parent, labels in by_parent.items()}
+    return {"majority": [most_common(golds)] * len(golds),
+            "parent prior": [answer[parent_level(quantity, label)] for label in golds]}
+
+
+def chance_scores(quantity: str, golds: list[str], candidates: list[str], depth_aware: bool = False) -> dict[str, float]:
+    """Uniform guessing over the candidates: expected top-1 and Example-F1."""
+    hierarchy = hierarchy_of(quantity, depth_aware)
+    sets = {c: set(hierarchy(c)) for c in candidates}
+    f1 = 0.0
+    for gold in golds:
+        g = sets.get(gold) or set(hierarchy(gold))
+        f1 += sum(2 * len(p & g) / (len(p) + len(g)) for p in sets.values()) / len(candidates)
+    return {"top1": 1 / len(candidates), "example_f1": f1 / len(golds)}
+
+
+def score_with_baselines(quantity: str, predictions: dict[str, list[str]], golds: list[str], candidates: list[str],
+                         unseen: set[str] = frozenset(), depth_aware: bool = False) -> dict[str, Any]:
+    """Top-1 and Example-F1 of each prediction (base, knowledge, no_knowledge), each with ``_chance``,
+    ``_baseline`` (the best trivial rule of ``prior_rules``) and ``_baseline_rule``; when some gold
+    labels are ``unseen`` (absent from training), all of it again on those examples (``_unseen``) and on
+    the rest (``_seen``)."""
+    rules = prior_rules(quantity, golds)
+    subsets = {"": list(range(len(golds)))}
+    if unseen and any(g in unseen for g in golds):
+        subsets["_unseen"] = [i for i, g in enumerate(golds) if g in unseen]
+        subsets["_seen"] = [i for i, g in enumerate(golds) if g not in unseen]
+    result: dict[str, Any] = {}
+    for suffix, index in subsets.items():
+        if not index:
+            continue
+        sub_golds = [golds[i] for i in index]
+        chance = chance_scores(quantity, sub_golds, candidates, depth_aware)
+        rule_scores = {rule: score_predictions(quantity, [pred[i] for i in index], sub_golds, "x", depth_aware)
+                       for rule, pred in rules.items()}
+        for name, pred in predictions.items():
+            scores = score_predictions(quantity, [pred[i] for i in index], sub_golds, name, depth_aware)
+            for metric in ("top1", "example_f1"):
+                key = f"{quantity}_{metric}_{name}{suffix}"
+                value = scores[f"{quantity}_{metric}_{name}"]
+                best = max(rule_scores, key=lambda rule: rule_scores[rule][f"{quantity}_{metric}_x"])
+                result[key] = value
+                result[f"{key}_chance"] = chance[metric]
+                result[f"{key}_baseline"] = rule_scores[best][f"{quantity}_{metric}_x"]
+                result[f"{key}_baseline_rule"] = best
+        if suffix:
+            result[f"{quantity}_examples{suffix}"] = float(len(index))
+    return result
