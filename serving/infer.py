@@ -15,28 +15,17 @@ import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from tqdm import tqdm
 
-from serving.items import Item, count_items, folder_items, read_lines, shard_items  # noqa: F401  (the inputs, re-exported)
+from serving.items import Item, batched, count_items, folder_items, read_lines, shard_items  # noqa: F401  (the inputs, re-exported)
 from serving.model import ExportedModel, normalize, top_k  # noqa: F401  (re-exported for the jobs)
 from serving.predictors import Batch, Predictor, Settings, get_predictor, list_predictors
 
 LOG = logging.getLogger("multiclip.serving")
 __all__ = ["ExportedModel", "Item", "Settings", "answer_queries", "choose_predictors", "count_items", "folder_items",
            "infer", "normalize", "read_lines", "shard_items", "top_k"]
-
-
-def batched(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def choose_predictors(model: ExportedModel, tasks: list[str] | None) -> list[str]:
