@@ -32,7 +32,8 @@ demo: $(STAMP)
 	  $(PY) -m shards.synth --out data/synth/$$task --task $$task --train $${sizes%%:*} --val $${sizes#*:} \
 	    --seed 0 --shard-size 250 --overwrite; \
 	done
-	$(VENV)/bin/deepspeed --num_gpus $(RANKS) launch/train.py --config configs/all_heads_tiny.yaml
+	$(VENV)/bin/deepspeed --num_gpus $(RANKS) --master_port $$($(PY) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])') \
+	  launch/train.py --config configs/all_heads_tiny.yaml
 	$(PY) launch/evaluate.py --config configs/all_heads_tiny.yaml --checkpoint $(DEMO) --out $(DEMO)/eval.json > /dev/null
 	$(PY) launch/export.py --checkpoint $(DEMO) --out $(DEMO)/onnx > /dev/null
 	@set -e; for spec in $(DEMO_DATA); do task=$${spec%%:*}; \

@@ -3,7 +3,10 @@
     python launch/evaluate.py --config configs/retrieval_tiny.yaml --checkpoint runs/retrieval_tiny
     python launch/evaluate.py --config configs/retrieval_tiny.yaml --zero-shot --out zs.json
 
-Writes the metrics as JSON (``--out``, default ``<run>/eval.json``) and prints them.
+Writes the metrics as JSON (``--out``, default ``<run>/eval.json``) and prints them. Held-out samples it
+skips (bad image, bad json, a field of the wrong type) are counted per task (``<task>/skipped_samples``) and
+written to ``skipped/<out name>/<task>/`` beside the JSON. A config or checkpoint that cannot be evaluated
+(weights of another model, too few held-out samples, missing shards) is an error before any sample is read.
 """
 from __future__ import annotations
 
@@ -32,10 +35,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    from training.evaluation import evaluate_checkpoint
+    from training.data import check_held_out
+    from training.evaluation import check_checkpoint, evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(cfg, None if args.zero_shot else args.checkpoint, args.shards)
     out = Path(args.out or Path(cfg.run.output_dir) / ("eval_zero_shot.json" if args.zero_shot else "eval.json"))
+    try:
+        if not args.zero_shot:
+            check_checkpoint(cfg, args.checkpoint)
+        check_held_out(cfg, args.shards)
+        metrics = evaluate_checkpoint(cfg, None if args.zero_shot else args.checkpoint, args.shards,
+                                      skip_dir=out.parent / "skipped" / out.stem)
+    except (ConfigError, FileNotFoundError) as err:  # e.g. weights of another model: named, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=1))
     print(json.dumps(metrics, indent=1))

@@ -26,6 +26,26 @@ from serving.predictors import Settings, get_predictor, list_predictors  # noqa:
 from serving.runtime import ProviderError, RuntimeOptions  # noqa: E402
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of 1 or more (a batch of 0 items, a top-0 list, -1 workers mean nothing)."""
+    return _bounded_int(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of 0 or more (where 0 means "the default")."""
+    return _bounded_int(text, 0)
+
+
+def _bounded_int(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be an integer of {least} or more, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="export folder (launch/export.py --out)")
@@ -35,20 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--queries", help="text file, one query per line (tasks that answer text queries)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--tasks", nargs="*", help="default: every task of the export")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--top-k", type=positive_int, default=5)
     parser.add_argument("--providers", nargs="*", default=["tensorrt", "cuda", "cpu"],
                         help="execution providers in order of preference (tensorrt: the towers only; heads use cuda)")
     parser.add_argument("--require-gpu", action="store_true",
                         help="fail (exit 2) when a requested GPU provider is not in use, instead of running without it")
-    parser.add_argument("--trt-max-batch", type=int, default=0,
+    parser.add_argument("--trt-max-batch", type=non_negative_int, default=0,
                         help="TensorRT profile: largest batch (default: 256, or more for --batch-size and "
                              "tasks whose items hold several images)")
     parser.add_argument("--trt-cache", help="TensorRT engine and timing caches (default: <model>/trt_cache)")
     parser.add_argument("--fp16", action="store_true", help="fp16 graphs where exported; TensorRT fp16 engines")
     parser.add_argument("--int8", action="store_true", help="int8 towers where exported (export --int8; CPUs)")
-    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: default)")
-    parser.add_argument("--workers", type=int, default=4, help="image decoding threads")
+    parser.add_argument("--threads", type=non_negative_int, default=0, help="onnxruntime intra-op threads (0: default)")
+    parser.add_argument("--workers", type=positive_int, default=4, help="image decoding threads")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip checking the export's files against the manifest's sha256 (a warning says so)")
     for task in list_predictors():

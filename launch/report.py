@@ -10,9 +10,12 @@ label-prior rule where the data has one); ``<metric>_baseline_rule`` may name th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shards.atomic import read_json  # noqa: E402
 
 
 def task_tables(result: dict, everything: bool = False) -> list[str]:
@@ -77,7 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--all", action="store_true", help="every metric, not only the headline ones")
     args = parser.parse_args(argv)
-    result = json.loads((Path(args.run_dir) / "metrics.json").read_text())
+    path = Path(args.run_dir) / "metrics.json"
+    try:
+        result = read_json(path, "metrics")
+    except FileNotFoundError:
+        print(f"error: {path} not found: a run writes it when training ends (is {args.run_dir} a run folder?)",
+              file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"held-out metrics of {args.run_dir} (step {result['step']}; before = untrained / zero-shot):")
     print("\n\n".join(task_tables(result, args.all)))
     if result.get("wise_ft"):

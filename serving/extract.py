@@ -23,6 +23,7 @@ This module imports no torch; ray, pyarrow and onnxruntime are imported inside f
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -470,10 +471,43 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # a job's working_dir already carries the code
     runtime_env = None if in_job else {"env_vars": {"PYTHONPATH": os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}}
-    if address or os.environ.get("RAY_ADDRESS"):
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and _is_loopback(address):  # a loopback cluster is only reached as a loopback node
+        with _loopback_node():
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, _node_ip_address="127.0.0.1")
+    elif address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=runtime_env)
+        with _loopback_node():
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=runtime_env,
+                     _node_ip_address="127.0.0.1")
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether a Ray address (``host:port``, ``ray://host:port``) names this machine's loopback: such a
+    cluster (``ray start --node-ip-address=127.0.0.1`` with cluster mode off) is only reachable by a
+    driver whose own node IP is 127.0.0.1 (otherwise Ray looks for the GCS at the main interface)."""
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """A local Ray whose node IP is 127.0.0.1, so that every one of its servers listens on loopback only.
+
+    Ray binds its gRPC servers (GCS, raylet, object manager, workers), agents and metrics endpoints to the
+    node IP. On Linux ``ray.init`` turns ``_node_ip_address="127.0.0.1"`` into the primary interface's
+    address (they all listened on 0.0.0.0, :: or that address, metrics included) unless
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is off, which is Ray's own default on macOS and Windows. That
+    switch is read when ray is imported, so its constant is turned off for the ``ray.init`` call itself."""
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def default_actors(options: ExtractOptions) -> int:

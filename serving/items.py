@@ -6,7 +6,7 @@ several images), its json, or the reason it cannot be used (which then goes to `
 from __future__ import annotations
 
 import io
-import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -16,7 +16,7 @@ from PIL import Image
 
 from serving.preprocess import Preprocess
 from shards import members as shard_members  # torch-free: the member names shared with training
-from shards.samples import expand_urls, image_shape_problem, tar_samples
+from shards.samples import ShardSizes, decode_json, expand_urls, image_shape_problem, tar_samples
 
 
 @dataclass
@@ -51,8 +51,8 @@ def _shard_item(url: str, key: str, members: dict[str, bytes]) -> Item:
     meta = None
     if "json" in members:
         try:
-            meta = json.loads(members["json"])
-        except ValueError as err:
+            meta = decode_json(members["json"])  # an object, as training's decoding requires
+        except ValueError as err:  # not JSON, not UTF-8, or a list / number / string
             return Item(key, url, error=f"bad_json: {err}")
     frames = frame_members(members)
     if image is None and not frames:
@@ -66,12 +66,37 @@ def frame_members(members: dict[str, bytes]) -> list[bytes]:
 
 
 def folder_items(folder: str | Path) -> Iterator[Item]:
-    """Every image file under ``folder`` (recursively, sorted); the key is the relative path."""
+    """Every image file under ``folder`` (recursively, sorted); the key is the relative path.
+
+    A name that looks like an image but cannot be read as a file (a folder named ``x.jpg``, a broken
+    symbolic link, a file without read permission) is an error item naming why: the run goes on.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     for path in sorted(p for p in folder.rglob("*") if shard_members.is_image_file(p.name)):
-        yield Item(str(path.relative_to(folder)), str(path), path.read_bytes())
+        key = str(path.relative_to(folder))
+        problem = not_a_file(path)
+        if problem:
+            yield Item(key, str(path), error=f"missing_image: {problem}")
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            yield Item(key, str(path), error=f"missing_image: cannot read: {type(err).__name__}: {err.strerror or err}")
+            continue
+        yield Item(key, str(path), data)
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why an image-like name is no readable file (a folder, a broken link, a fifo...), or None."""
+    if path.is_symlink() and not path.exists():
+        return f"broken symbolic link (to {os.readlink(path)}, which does not exist)"
+    if path.is_dir():
+        return "a folder, not an image file"
+    if not path.is_file():
+        return "not a regular file"
+    return None
 
 
 def count_items(spec: str, kind: str) -> int | None:
@@ -79,12 +104,12 @@ def count_items(spec: str, kind: str) -> int | None:
     if kind == "images":
         return sum(1 for p in Path(spec).rglob("*") if shard_members.is_image_file(p.name))
     total = 0
+    sizes = ShardSizes()  # a torn sizes.json: ValueError naming the file
     for url in expand_urls(spec):
-        sizes = Path(url).parent / "sizes.json"
-        listed = json.loads(sizes.read_text()).get("shards", {}) if sizes.is_file() else {}
-        if Path(url).name not in listed:
+        listed = sizes.listed(url)
+        if listed is None:
             return None
-        total += listed[Path(url).name]
+        total += listed
     return total
 
 

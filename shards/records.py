@@ -3,14 +3,22 @@
 A converter yields ``SourceRecord`` (an image path with its caption, label and task fields) or
 ``SkipRecord`` (why a row cannot become a sample); ``write_records`` verifies every image by decoding
 it, writes the shards and counts the rest by reason in ``summary.json``.
+
+Image paths come from metadata, so every one goes through ``confined_path`` (``find_image``,
+``image_record``): an absolute path, a ``..`` or a symlink that leaves the images root is refused as
+``outside_images_root`` unless the converter's ``--allow-outside-images`` is given, and ``json.source``
+names the image relative to that root. Metadata text is read with ``read_metadata`` and checked with
+``is_utf8``, so a record that is not UTF-8 is a counted ``bad_row``, never a decode error for the file.
 """
 from __future__ import annotations
 
+import argparse
 import io
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
@@ -42,6 +50,7 @@ class SourceRecord:
     label: str
     extra: dict[str, Any] = field(default_factory=dict)
     task: str = ""  # the converter's own task; required (a record of no task is a converter bug)
+    where: str = ""  # the record's place in its metadata ("line 7"), named when its image is skipped
 
     def __post_init__(self) -> None:
         if not self.task:
@@ -80,7 +89,7 @@ def read_verified_image(path: Path) -> bytes:
         data = path.read_bytes()
     except (FileNotFoundError, NotADirectoryError) as exc:
         raise SkipRecord("missing_image", f"{path}: {exc}") from exc
-    except OSError as exc:  # a directory named x.jpg, a broken symlink loop, no permission
+    except (OSError, ValueError) as exc:  # a directory named x.jpg, a symlink loop, no permission, a NUL byte
         raise SkipRecord("unreadable_image", f"{path}: {exc}") from exc
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -92,14 +101,81 @@ def read_verified_image(path: Path) -> bytes:
 
 def confined_path(root: Path, name: str, allow_outside: bool = False) -> Path:
     """``root / name``, refused (SkipRecord ``outside_images_root``) when ``name`` is absolute or climbs out
-    of ``root`` through ``..`` or a symlink: metadata must not make a converter read any file it names."""
+    of ``root`` through ``..`` or a symlink: metadata must not make a converter read any file it names.
+    A symlink loop, or a NUL byte in ``name``, is ``unreadable_image``."""
     path = root / name
     if allow_outside:
         return path
-    resolved_root = root.resolve()
-    if Path(name).is_absolute() or not path.resolve().is_relative_to(resolved_root):
+    try:
+        inside = not Path(name).is_absolute() and path.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise SkipRecord("unreadable_image", f"{path!r}: {exc}") from exc
+    if not inside:
         raise SkipRecord("outside_images_root", f"{name!r} is outside {root} (pass --allow-outside-images to permit)")
     return path
+
+
+def find_image(root: Path, names: Iterable[str], allow_outside: bool = False,
+               keep_first_name: bool = False) -> tuple[Path, str]:
+    """(path, source) of a record's image: the first of ``names`` (best first: the metadata's path, then
+    lookups such as its file name) that is a file in ``root``. Each name goes through ``confined_path``:
+    one outside the root is never looked at. When none is a file, the first name decides: refused
+    (``outside_images_root``), or its path (so reading it names the problem: missing, a directory...).
+
+    ``source`` is the name found, or with ``keep_first_name`` the first name whenever it is inside the root
+    (a converter that names a sample by the metadata's path even when the file was found by its file name).
+    """
+    first: tuple[str, Path | SkipRecord] | None = None
+    for name in dict.fromkeys(names):
+        try:
+            path: Path | SkipRecord = confined_path(root, name, allow_outside)
+        except SkipRecord as refused:
+            path = refused
+        first = first or (name, path)
+        if isinstance(path, Path) and path.is_file():
+            return path, first[0] if keep_first_name and isinstance(first[1], Path) else name
+    if first is None:
+        raise SkipRecord("missing_image", "no image path")
+    if isinstance(first[1], SkipRecord):
+        raise first[1]
+    return first[1], first[0]
+
+
+def image_record(where: str, root: Path, names: Iterable[str], allow_outside: bool, *, caption: str, label: str,
+                 extra: dict[str, Any] | None = None, task: str, keep_first_name: bool = False
+                 ) -> SourceRecord | SkipRecord:
+    """A record whose image is found by ``find_image``, or the SkipRecord (naming ``where``) it was refused with."""
+    try:
+        path, source = find_image(root, names, allow_outside, keep_first_name)
+    except SkipRecord as skip:
+        return SkipRecord(skip.reason, f"{where}: {skip}")
+    return SourceRecord(path, source, caption, label, extra or {}, task=task, where=where)
+
+
+def add_allow_outside_argument(parser: argparse.ArgumentParser, root_option: str = "--images") -> None:
+    """The ``--allow-outside-images`` flag (``allow_outside_images`` of a converter's function)."""
+    parser.add_argument("--allow-outside-images", action="store_true",
+                        help=f"read image paths outside {root_option} (absolute, ../ or a symlink out); "
+                             "refused and counted as outside_images_root by default")
+
+
+# --------------------------------------------------------------------------- shared: metadata text
+
+
+def read_metadata(path: Path) -> str:
+    """A metadata file's text. Bytes that are not UTF-8 survive as lone surrogates (``surrogateescape``), so
+    they make one record a counted ``bad_row`` (see ``is_utf8``) instead of a decode error for the whole file."""
+    return Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+
+
+def is_utf8(value: Any) -> bool:
+    """False for a parsed value (text, or JSON lists and objects) holding bytes ``read_metadata`` could not
+    decode: their lone surrogates are the one thing no UTF-8 encoder accepts."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def load_record(record: SourceRecord | SkipRecord) -> tuple[str, bytes]:
@@ -125,7 +201,8 @@ def write_records(
             try:
                 extension, data = load_record(record)
             except SkipRecord as skip:
-                LOGGER.warning("skipped record: reason=%s %s", skip.reason, skip)
+                where = f"{record.where or record.source}: " if isinstance(record, SourceRecord) else ""
+                LOGGER.warning("skipped record: reason=%s %s%s", skip.reason, where, skip)
                 summary.skip(skip.reason)
                 continue
             writer.write(f"{summary.written:09d}", {extension: data}, sample_meta(record))

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 import braceexpand
 from PIL import Image
 
+from shards.atomic import read_json
 from shards.members import is_written_image_member as is_image_member
 
 LOGGER = logging.getLogger("multiclip.shards")
@@ -31,6 +32,7 @@ SKIP_REASONS = ("corrupt_tar", "bad_image", "bad_json", "map_error", "missing_im
 # The index ShardSetWriter writes beside the shards (shards.writer imports webdataset, so not from there).
 SIZES_FILE = "sizes.json"
 INCOMPLETE_FILE = "INCOMPLETE"  # present while (or because) a split's writing did not finish
+WRITER_SHARD_NAME = re.compile(r"^shard-\d{6,}\.tar$")  # shards.writer.SHARD_PATTERN's names
 
 
 class UnfinishedShardSet(ValueError):
@@ -80,10 +82,51 @@ def _expand_one(spec: str) -> list[str]:
 
 
 def _expand_directory(spec: str) -> list[str]:
-    urls = sorted(glob.glob(os.path.join(glob.escape(spec), "*.tar")))
+    """The shards of a folder: every ``*.tar``, or, where a sizes.json indexes the folder, the shards it lists.
+
+    With a sizes.json (``shards.writer`` writes one beside its ``shard-NNNNNN.tar``), a listed shard that is
+    missing is an error naming it, and an unlisted ``*.tar`` is only read when it is named like the
+    writer's shards (a shard whose count the index lacks: counted by reading). Any other ``*.tar`` (a
+    backup, a source archive) is not a shard of the set: it is left out, and a warning names it.
+    """
+    check_finished(spec)
+    found = sorted(glob.glob(os.path.join(glob.escape(spec), "*.tar")))
+    sizes = _read_sizes(spec)
+    if sizes is None:
+        if not found:
+            raise FileNotFoundError(f"shard directory {spec!r} holds no *.tar file")
+        return found
+    missing = [name for name in sorted(sizes) if not os.path.isfile(os.path.join(spec, name))]
+    if missing:
+        raise FileNotFoundError(f"shard directory {spec!r}: {len(missing)} shard(s) listed in {SIZES_FILE} missing: "
+                                f"{_shown(missing)}")
+    unlisted = [os.path.basename(u) for u in found if os.path.basename(u) not in sizes]
+    extra = [name for name in unlisted if WRITER_SHARD_NAME.match(name)]
+    foreign = [name for name in unlisted if not WRITER_SHARD_NAME.match(name)]
+    if foreign:
+        _warn_once(spec, "not read: not listed in its " + SIZES_FILE + " and not named like a shard (shard-NNNNNN.tar)",
+                   foreign)
+    if extra:
+        _warn_once(spec, "read although not listed in its " + SIZES_FILE + " (samples counted by reading)", extra)
+    urls = sorted(os.path.join(spec, name) for name in [*sizes, *extra])
     if not urls:
-        raise FileNotFoundError(f"shard directory {spec!r} holds no *.tar file")
+        raise FileNotFoundError(f"shard directory {spec!r} holds no shard ({SIZES_FILE} lists none)")
     return urls
+
+
+_WARNED: set[tuple[str, str, tuple[str, ...]]] = set()
+
+
+def _warn_once(folder: str, what: str, names: list[str]) -> None:
+    """One warning per process for a folder's odd files (expand_urls runs several times per run)."""
+    seen = (os.path.abspath(folder), what, tuple(names))
+    if seen not in _WARNED:
+        _WARNED.add(seen)
+        LOGGER.warning("shard directory %s: %d file(s) %s: %s", folder, len(names), what, _shown(names))
+
+
+def _shown(names: list[str], limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (f" ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 def _expand_glob(spec: str) -> list[str]:
@@ -111,12 +154,37 @@ def _expand_braces(spec: str) -> list[str]:
 
 
 def load_sizes(directory: str | Path) -> dict[str, int]:
-    """Samples per shard basename from a directory's sizes.json; empty when there is none."""
+    """Samples per shard basename from a directory's sizes.json; empty when there is none.
+
+    Raises ValueError naming the file when it is torn (not JSON) or its ``shards`` entries are not shard
+    names with sample counts; a sizes.json of another layout (no ``shards`` object) is ignored, with a warning.
+    """
+    return _read_sizes(directory) or {}
+
+
+def _read_sizes(directory: str | Path) -> dict[str, int] | None:
+    """The ``shards`` of a directory's sizes.json, None when it has none; ValueError naming a bad one."""
     path = Path(directory) / SIZES_FILE
+    if not path.is_file():
+        return None
+    fix = (f"write the shard set again (its converter with --overwrite), or delete {SIZES_FILE} to read every "
+           "*.tar of the folder, counted by reading")
     try:
-        return {str(name): int(n) for name, n in json.loads(path.read_text())["shards"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
+        document = read_json(path, SIZES_FILE)
+    except ValueError as err:
+        raise ValueError(f"{err}; {fix}") from None
+    shards = document.get("shards") if isinstance(document, dict) else None
+    if not isinstance(shards, dict):  # another tool's file (open_clip's is a flat mapping): not this index
+        _warn_once(str(directory), 'ignored: not the index shards.writer writes (no "shards" object)', [SIZES_FILE])
+        return None
+    sizes: dict[str, int] = {}
+    for name, count in shards.items():
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"{path}: {SIZES_FILE} gives shard {name!r} the count {count!r}, not a sample count; {fix}")
+        if not name or name in (".", "..") or "/" in name or os.sep in name:
+            raise ValueError(f"{path}: {SIZES_FILE} lists {name!r}, not a file name in this folder; {fix}")
+        sizes[name] = count
+    return sizes
 
 
 class ShardSizes:

@@ -26,6 +26,23 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_exten
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+def export_untrained(cfg, out: Path):
+    """Export the model ``cfg`` builds, untrained (seed 0), through the real exporter; returns the backbone
+    (what serving tests compare with, without a training run)."""
+    import torch
+
+    from training.export.exporter import export_model
+    from training.model import build_model
+
+    torch.manual_seed(0)
+    model, backbone = build_model(cfg)
+    model.eval()
+    for head in model.heads.values():
+        head.prepare(model.backbone)
+    export_model(model, backbone, out, model_name=cfg.model.name, source="test")
+    return backbone
+
+
 @pytest.fixture(scope="session")
 def retrieval_shards(tmp_path_factory) -> Path:
     """Small retrieval shard set (8 train shards, 2 val shards) shared by the whole session."""

@@ -53,7 +53,8 @@ def ray_cluster(tmp_path):
     """A real local cluster on loopback (head node with dashboard / Jobs API), stopped afterwards."""
     port, dash = _free_port(), _free_port()
     temp = Path("/tmp") / f"ray_{os.getpid()}_{port}"  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # on Linux Ray ignores --node-ip-address=127.0.0.1 unless its cluster mode is off (serving.extract does the same)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     start = [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
              f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}",
              "--disable-usage-stats", "--block"]

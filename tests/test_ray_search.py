@@ -195,3 +195,24 @@ def test_search_on_the_export_equals_in_process_knowledge_search(geo_export, loc
     recall = measure_recall(corpus.numpy(), queries, build_index(corpus.numpy(), ivf.index), ivf)
     assert 0.2 < recall <= 1.0
     assert measure_recall(corpus.numpy(), queries, build_index(corpus.numpy(), flat.index), flat) == pytest.approx(1.0)
+
+    # the CLI, connected to the running cluster: an HNSW index, its recall@k against exact search in the
+    # manifest, equal to the recall of the neighbours it wrote (the queries are fewer than recall_sample)
+    from serving.search import recall_at_k
+
+    cli_out = tmp_path / "hnsw"
+    proc = _run([sys.executable, "launch/search.py", "--model", str(export), "--queries", str(feats),
+                 "--corpus", str(shards / "knowledge.txt"), "--out", str(cli_out), "--k", "4", "--index", "hnsw",
+                 "--ef-search", "4", "--address", ray.get_runtime_context().gcs_address])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout[proc.stdout.index("{"):])
+    manifest = json.loads((cli_out / "manifest.json").read_text())
+    assert manifest["index"]["kind"] == "hnsw" and printed["recall_at_k"] == manifest["recall_at_k"]
+    approx = read_results(cli_out, "image_embedding")
+    keys, _ = read_embeddings(feats, "image_embedding")
+    written = recall_at_k(np.stack([approx[k][0] for k in keys]), np.stack([exact[k][0] for k in keys]))
+    assert manifest["recall_at_k"] == pytest.approx(written, abs=1e-9) and 0.5 < written <= 1.0
+    proc = _run([sys.executable, "launch/search.py", "--model", str(export), "--queries", str(feats),
+                 "--corpus", str(shards / "knowledge.txt"), "--out", str(feats), "--address",
+                 ray.get_runtime_context().gcs_address])
+    assert proc.returncode == 2 and "is the extraction folder" in proc.stderr and "Traceback" not in proc.stderr

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import export_untrained, tiny_config
 from training.registry import get_task_class, list_tasks
 
 
@@ -36,20 +36,12 @@ def exports(tmp_path_factory):
 def _export_fresh_model(base: Path, task: str) -> tuple[Path, Path, torch.nn.Module]:
     from shards.synth import generate, get_synth
     from training.validation import config_from_dict
-    from training.export.exporter import export_model
-    from training.model import build_model
 
     shards = base / "shards"
     generate(shards, task=task, n_train=4, n_val=6, seed=0, shard_size=10, image_size=64)
     options = get_synth(task).run_options(shards) if get_synth(task).run_options else {}
     cfg = config_from_dict(tiny_config(shards, base / "run", tasks=[{"name": task, "options": options}]))
-    torch.manual_seed(0)
-    model, backbone = build_model(cfg)
-    model.eval()
-    for head in model.heads.values():
-        head.prepare(model.backbone)
-    export_model(model, backbone, base / "export", model_name=cfg.model.name, source="test")
-    return shards, base / "export", backbone.model
+    return shards, base / "export", export_untrained(cfg, base / "export").model
 
 
 @pytest.mark.parametrize("task", list_tasks())

@@ -53,6 +53,16 @@ def test_final_backbone_loads_in_open_clip(retrieval_shards, tmp_path):
     after = json.loads((run / "metrics.json").read_text())["after"]
     evaluated = json.loads(out.read_text())
     assert evaluated["retrieval/t2i_R@1"] == pytest.approx(after["retrieval/t2i_R@1"], abs=1e-6)
+    # --zero-shot scores the configured backbone as built (same seed): the run's own "before" figures
+    out = tmp_path / "zero_shot.json"
+    proc = _run([sys.executable, "launch/evaluate.py", "--config", str(tmp_path / "config.yaml"), "--zero-shot",
+                 "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, zero_shot = json.loads((run / "metrics.json").read_text())["before"], json.loads(out.read_text())
+    for key in ("retrieval/t2i_R@1", "retrieval/i2t_R@1", "retrieval/zeroshot_top1"):
+        assert zero_shot[key] == pytest.approx(before[key], abs=1e-6), key
+    numbers = {k: v for k, v in evaluated.items() if isinstance(v, float) and not k.endswith(("_chance", "_baseline"))}
+    assert any(zero_shot[k] != pytest.approx(v, abs=1e-6) for k, v in numbers.items()), "--zero-shot loaded the run"
 
 
 def test_resume_continues_at_the_same_step(retrieval_shards, tmp_path):
@@ -68,6 +78,8 @@ def test_resume_continues_at_the_same_step(retrieval_shards, tmp_path):
     lrs = [r["lr_heads/no_decay"] for r in _records(run, "train") if "lr_heads/no_decay" in r]
     assert lrs, "learning rates are logged"
     assert "resumed from" in proc.stdout + proc.stderr
+    # keep_checkpoints=2 (the default): the step-2 checkpoint was pruned once step 6 was complete
+    assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step00000004", "step00000006"]
 
 
 def test_resume_with_another_model_is_refused(retrieval_shards, tmp_path):
@@ -249,3 +261,32 @@ def test_frozen_blocks_grad_checkpointing_and_wise_ft(retrieval_shards, tmp_path
     assert set(wise) == {"0", "0.5", "1"} and set(wise["0.5"]) == {"val", "general"}
     assert wise["1"]["val"]["retrieval/t2i_R@1"] == pytest.approx(result["after"]["retrieval/t2i_R@1"])
     assert wise["0"]["val"]["retrieval/t2i_R@1"] == pytest.approx(result["before"]["retrieval/t2i_R@1"])
+
+
+def test_resume_with_another_task_set_is_refused_naming_both(tmp_path):
+    from training.checkpoint import check_resumable
+    from training.config import ConfigError
+
+    saved = {"model": {"name": "tiny-vit"}, "tasks": [{"name": "retrieval"}, {"name": "time"}]}
+    state = {"tag": "step00000002", "config": saved}
+    check_resumable(state, {**saved, "tasks": [{"name": "retrieval", "options": {}}, {"name": "time"}]}, tmp_path)
+    for tasks in ([{"name": "retrieval"}], [{"name": "time"}, {"name": "retrieval"}]):
+        with pytest.raises(ConfigError, match="was trained with tasks") as err:
+            check_resumable(state, {**saved, "tasks": tasks}, tmp_path)
+        assert "['retrieval', 'time']" in str(err.value) and str([t["name"] for t in tasks]) in str(err.value)
+
+
+def test_pruning_keeps_the_last_complete_checkpoints_and_foreign_folders(tmp_path):
+    """keep_checkpoints=2: of this trainer's tags up to ``latest``, the last two stay; a newer tag still
+    being written, and folders it did not write (no run_state.json, or another name), are never deleted."""
+    from training.checkpoint import RUN_STATE, _prune
+
+    for step in (2, 4, 6, 8):
+        (tmp_path / f"step{step:08d}").mkdir()
+        (tmp_path / f"step{step:08d}" / RUN_STATE).write_text("{}")
+    (tmp_path / "step00000001").mkdir()  # the user's, no run_state.json
+    (tmp_path / "step_notes").mkdir()
+    (tmp_path / "latest").write_text("step00000006")  # step 8 is not complete yet
+    _prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        "step00000001", "step00000004", "step00000006", "step00000008", "step_notes"]

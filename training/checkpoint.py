@@ -119,8 +119,10 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, run_state: dict[str, Any]
 
 
 def _prune(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the last ``keep`` complete checkpoints up to ``latest``. Only tags this trainer wrote
+    (``step<8 digits>`` holding its run_state.json) are candidates: any other folder there is left alone."""
     current = latest_tag(ckpt_dir)
-    tags = sorted(p.name for p in ckpt_dir.glob("step*") if p.is_dir())
+    tags = sorted(p.name for p in ckpt_dir.glob("step" + "[0-9]" * 8) if (p / RUN_STATE).is_file())
     complete_up_to = tags.index(current) if current in tags else -1
     for name in tags[: max(0, complete_up_to + 1 - keep)]:
         shutil.rmtree(ckpt_dir / name, ignore_errors=True)

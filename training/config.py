@@ -208,12 +208,23 @@ def load_deepspeed_overrides(cfg: Config) -> dict[str, Any]:
             f"{cfg.deepspeed.config_file}: {sorted(clash)} are derived from optim.micro_batch_size "
             "and optim.grad_accum; set those instead"
         )
-    precision = {"bf16", "fp16", "torch_autocast", "amp"} & set(data)
+    precision = PRECISION_KEYS & set(data)
     if precision:  # the engine stays fp32; bf16 is the towers' autocast (training/accelerator.py)
         raise ConfigError(f"{cfg.deepspeed.config_file}: {sorted(precision)} would change the engine's precision; "
                           "set deepspeed.precision (fp32 | bf16 | auto) instead")
-    stage = (data.get("zero_optimization") or {}).get("stage", cfg.deepspeed.zero_stage)
-    if stage != cfg.deepspeed.zero_stage:  # tasks' ZeRO-3 support is checked on deepspeed.zero_stage
-        raise ConfigError(f"{cfg.deepspeed.config_file}: zero_optimization.stage = {stage} differs from "
+    zero = data.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{cfg.deepspeed.config_file}: zero_optimization must be a JSON object, got {zero!r}; "
+                          "the stage is deepspeed.zero_stage")
+    stage = zero.get("stage", cfg.deepspeed.zero_stage)
+    if isinstance(stage, bool) or stage != cfg.deepspeed.zero_stage:  # tasks' ZeRO-3 support is checked on it
+        raise ConfigError(f"{cfg.deepspeed.config_file}: zero_optimization.stage = {stage!r} differs from "
                           f"deepspeed.zero_stage = {cfg.deepspeed.zero_stage}; set deepspeed.zero_stage instead")
     return data
+
+
+# ds_config sections that change what precision the engine keeps or moves weights and gradients in
+# ("bfloat16" is DeepSpeed's older spelling of "bf16"; data_types.grad_accum_dtype, communication_data_type:
+# the dtype gradients are accumulated or all-reduced in)
+PRECISION_KEYS = frozenset({"bf16", "bfloat16", "fp16", "torch_autocast", "amp", "data_types",
+                            "communication_data_type"})

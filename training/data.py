@@ -29,7 +29,7 @@ from shards import members
 from shards.reader import make_eval_loader, make_loader
 from shards.samples import count_samples, expand_urls
 from training import accelerator
-from training.config import Config
+from training.config import Config, ConfigError
 from training.distributed import DistInfo
 from training.backbone import Backbone, SampleContext
 
@@ -202,14 +202,16 @@ def train_loader(cfg: Config, task, backbone: Backbone, dist_info: DistInfo, run
                        persistent_workers=True)
 
 
-def eval_loader(urls, task, backbone: Backbone, batch_size: int, error_log_dir: Path | None = None):
+def eval_loader(urls, task, backbone: Backbone, batch_size: int, error_log_dir: Path | None = None, rank: int = 0):
     """One deterministic pass over every held-out sample (the same on every rank).
 
     Images are decoded at full size, so held-out metrics see exactly the pixels of ``preprocess_val``
-    (and of the exported model's preprocessing).
+    (and of the exported model's preprocessing). Skipped samples are logged and, with ``error_log_dir``,
+    written to ``error_log_dir/skipped-rank<rank>-worker0.jsonl``.
     """
     return make_eval_loader(expand_urls(urls), map_fn=partial(_map, task=task, backbone=backbone.sample_context(), train=False),
-                            batch_size=batch_size, num_workers=0, error_log_dir=error_log_dir, collate_fn=collate)
+                            batch_size=batch_size, num_workers=0, error_log_dir=error_log_dir, collate_fn=collate,
+                            rank=rank)
 
 
 def steps_per_epoch(cfg: Config, world_size: int, task_name: str | None = None) -> int:
@@ -259,3 +261,37 @@ def check_shards(cfg: Config) -> None:
                 expand_urls(cfg.train_shards(task.name) if split == "train" else cfg.val_shards(task.name))
             except FileNotFoundError as err:
                 raise FileNotFoundError(f"{where} ({task.name}): {err}") from None
+    check_held_out(cfg)
+
+
+def held_out_cap(cfg: Config) -> int | None:
+    """The most held-out samples one evaluation reads per task: ``eval.max_samples`` rounded up to whole
+    batches (as :func:`training.evaluation.evaluate_model` reads them), None for all."""
+    if not cfg.eval.max_samples:
+        return None
+    batch_size = min(cfg.eval.batch_size, cfg.eval.max_samples)
+    return -(-cfg.eval.max_samples // batch_size) * batch_size
+
+
+def check_held_out(cfg: Config, shards=None) -> None:
+    """Fail before any work when a task's held-out set (``shards``, default its val set, capped by
+    ``eval.max_samples``) holds fewer samples than its evaluation needs, e.g. retrieval's candidate batch
+    (``options.candidate_batch_size``). Counts come from sizes.json (shards without one are read)."""
+    from training.registry import get_task_class
+
+    cap, problems = held_out_cap(cfg), []
+    for i, task in enumerate(cfg.tasks):
+        cls = get_task_class(task.name)
+        options = task.options if isinstance(task.options, cls.Options) else cls.Options.model_validate(task.options)
+        need, option = cls.min_held_out_samples(options)
+        where = "--shards" if shards else (f"tasks.{i}.val" if task.val else "data.val")
+        spec = shards or cfg.val_shards(task.name)
+        total = count_samples(expand_urls(spec))
+        have = total if cap is None else min(total, cap)
+        if have < need:
+            what = f"tasks.{i}.{option} = {need}" if option else f"at least {need}"
+            capped = f" (eval.max_samples = {cfg.eval.max_samples} of {total})" if have < total else ""
+            problems.append(f"  - {where} ({task.name}): {spec} holds {have} held-out sample(s){capped}, "
+                            f"fewer than the evaluation needs: {what}")
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) with the held-out sets\n" + "\n".join(problems))

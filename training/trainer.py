@@ -25,7 +25,7 @@ from training import checkpoint as ckpt
 from training.config import Config, load_deepspeed_overrides
 from training import accelerator
 from training.data import device_image_norm, steps_per_epoch, to_device, train_loader
-from training.evaluation import evaluate_model, load_weights
+from training.evaluation import HELD_OUT_SKIPS, evaluate_model, held_out_skips, load_weights
 from training.distributed import DistInfo, barrier, init_distributed
 from training.logging_utils import RunLogger, plot_curves, setup_console_logging
 from training import wise_ft
@@ -126,7 +126,12 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     for head in model.heads.values():
         head.prepare(engine.module.backbone)
     logger = RunLogger(run_dir, dist_info.is_main)
-    baseline = evaluate_model(engine.module, backbone, cfg) if run_state is None else None
+    held_out_dir = run_dir / "skipped" / HELD_OUT_SKIPS  # one folder per task, one file per rank
+
+    def evaluate() -> dict[str, Any]:
+        return evaluate_model(engine.module, backbone, cfg, skip_dir=held_out_dir, rank=dist_info.rank)
+
+    baseline = evaluate() if run_state is None else None
     if baseline is not None:
         logger.log({"kind": "eval", "step": step, **baseline})
         log.info("before training: %s", json.dumps(baseline))
@@ -157,21 +162,21 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             progress.set_postfix(loss=f"{record['loss']:.3f}")
             tick, window_samples, reports = time.time(), 0, []
         if cfg.schedule.eval_every and step % cfg.schedule.eval_every == 0 and step < cfg.optim.max_steps:
-            logger.log({"kind": "eval", "step": step, **evaluate_model(engine.module, backbone, cfg)})
+            logger.log({"kind": "eval", "step": step, **evaluate()})
         if cfg.schedule.checkpoint_every and step % cfg.schedule.checkpoint_every == 0:
             ckpt.save_checkpoint(engine, ckpt_dir, step, {"step": step, "config": cfg.to_dict(),
                                                           "task_batches": taken, "layout": layout},
                                  dist_info, cfg.schedule.keep_checkpoints)
     progress.close()
 
-    final = evaluate_model(engine.module, backbone, cfg)
+    final = evaluate()
     logger.log({"kind": "eval", "step": step, **final})
     tag = ckpt.save_checkpoint(engine, ckpt_dir, step, {"step": step, "config": cfg.to_dict(),
                                                         "task_batches": taken, "layout": layout},
                                dist_info, cfg.schedule.keep_checkpoints)
     result = {"step": step, "before": baseline, "after": final,
               "headline": {name: list(head.headline_metrics) for name, head in model.heads.items()},
-              "skipped_samples": summarize_skips(read_skip_logs(run_dir / "skipped"))}
+              "skipped_samples": skipped_samples(run_dir / "skipped")}
     if dist_info.is_main:
         state = restore_scalar_shapes(ckpt.consolidated_state_dict(ckpt_dir, tag, cfg.deepspeed.zero_stage),
                                       scalar_names)
@@ -190,6 +195,19 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     if lock is not None:
         lock.release()
     return result
+
+
+def skipped_samples(skip_dir: Path) -> dict[str, Any]:
+    """metrics.json's ``skipped_samples``: ``count`` and ``by_reason`` over training and held-out samples,
+    then each part: ``train`` (every skip of the training streams, once per epoch it recurs) and
+    ``held_out`` (the samples the last evaluation skipped, each once, with ``by_task``)."""
+    train = summarize_skips(read_skip_logs(skip_dir))
+    held_out = held_out_skips(skip_dir / HELD_OUT_SKIPS)
+    by_reason = dict(train["by_reason"])
+    for reason, n in held_out["by_reason"].items():
+        by_reason[reason] = by_reason.get(reason, 0) + n
+    return {"count": train["count"] + held_out["count"], "by_reason": dict(sorted(by_reason.items())),
+            "train": train, "held_out": held_out}
 
 
 def _pick_task(seed: int, step: int, micro: int, names: list[str], weights: list[float]) -> str:

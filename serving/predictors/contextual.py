@@ -20,12 +20,15 @@ class ContextualPredictor(Predictor):
             return item.error
         if not item.frames or len(item.frames) != size:
             return f"missing_image: {len(item.frames or [])} frames, {size} expected"
-        description = (item.meta or {}).get("description") or (item.meta or {}).get("caption")
+        meta = {} if item.meta is None else item.meta
+        if not isinstance(meta, dict):
+            return f"bad_json: json must be an object, not a {type(meta).__name__}"
+        description = meta.get("description") or meta.get("caption")
         if not isinstance(description, str) or not description.strip():
             return "bad_json: json.description must be a non-empty string"
         pixels = [load_pixels(Item(item.key, item.source, data), self.model.preprocess) for data in item.frames]
         bad = next((p for p in pixels if isinstance(p, str)), None)
-        return bad or (np.stack(pixels), description, bool(item.meta.get("static", False)))
+        return bad or (np.stack(pixels), description, bool(meta.get("static", False)))
 
     def predict(self, batch):
         size = self.meta["num_candidates"]

@@ -26,6 +26,8 @@ def meme_fields(meta: dict[str, Any]) -> tuple[str, str, list[str]]:
     The caption (the query) must be a non-empty string; the context may be empty (a meme whose title is
     empty gets an empty context, as in the original's loader). Strings are returned exactly as stored.
     """
+    if not isinstance(meta, dict):
+        raise ValueError(f"json must be an object, not a {type(meta).__name__}")
     query, context, emotions = meta.get("caption"), meta.get("context"), meta.get("emotions", [])
     if not isinstance(query, str) or not query.strip():
         raise ValueError("json.caption must be a non-empty string")
@@ -80,7 +82,7 @@ class MemePredictor(Predictor):
         if item.error:
             return item.error
         try:
-            query, context, emotions = meme_fields(item.meta or {})
+            query, context, emotions = meme_fields({} if item.meta is None else item.meta)
         except ValueError as err:
             return f"bad_json: {err}"
         pixels = load_pixels(item, self.model.preprocess)

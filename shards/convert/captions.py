@@ -7,21 +7,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from shards.convert import Converter, register_converter
 from shards.jsonl import json_lines
-from shards.records import SkipRecord, SourceRecord, confined_path, write_records
+from shards.records import (SkipRecord, SourceRecord, add_allow_outside_argument, confined_path, is_utf8,
+                            read_metadata, write_records)
 
 TASK = "retrieval"  # image + caption pairs
-
-
-def not_utf8(text: str) -> bool:
-    """Bytes that are not UTF-8 survive ``errors="surrogateescape"`` as lone surrogates."""
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
 def csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
@@ -29,14 +24,14 @@ def csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle)
         for row in reader:
-            malformed = None in row or None in row.values() or any(not_utf8(str(v)) for v in row.values())
+            malformed = None in row or None in row.values() or not is_utf8(row)
             yield reader.line_num, None if malformed else row
 
 
 def jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | None]]:
     """(line number, row); a line that is not a UTF-8 JSON object comes back as None. Blank lines are not rows."""
-    for number, row in json_lines(Path(path).read_text(encoding="utf-8", errors="surrogateescape")):
-        yield number, row if isinstance(row, dict) and not not_utf8(json.dumps(row, ensure_ascii=False)) else None
+    for number, row in json_lines(read_metadata(path)):
+        yield number, row if isinstance(row, dict) and is_utf8(row) else None
 
 
 ROW_READERS: dict[str, Callable[[Path], Iterator[tuple[int, dict[str, Any] | None]]]] = {
@@ -113,8 +108,7 @@ def add_captions_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-column", default="image")
     parser.add_argument("--caption-column", default="caption")
     parser.add_argument("--label-column", default="label", help="optional; the caption when absent")
-    parser.add_argument("--allow-outside-images", action="store_true",
-                        help="read image paths outside --images-root (absolute or ../); refused by default")
+    add_allow_outside_argument(parser, "--images-root")
 
 
 register_converter("captions", Converter("csv/jsonl table of image paths and captions", add_captions_arguments,

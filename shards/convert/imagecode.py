@@ -15,10 +15,12 @@ original bytes) and ``json`` = ``{"task": "contextual", "caption", "label", "des
 ``summary.json`` counts descriptions (``read``, ``written``, ``skipped`` by reason) and sets (``sets``:
 ``read``, ``written``, ``skipped`` by reason). Set reasons (all its descriptions are skipped with the same
 reason): ``missing_folder``, ``not_10_images`` (more or fewer than 10 ``img{frame}`` images),
-``corrupt_image`` (an image does not decode), ``bad_set`` (the set's value is not an object). Description
-reasons: those, plus ``index_out_of_range`` (``img_idx`` not an integer 0-9) and ``missing_description``
-(empty or not a string); a set whose every description is skipped for these counts as
-``index_out_of_range`` / ``missing_description`` among the sets.
+``corrupt_image`` (an image does not decode), ``bad_set`` (the set's value is not an object, or its name
+is not UTF-8), ``outside_images_root`` (the set name, or a symlinked image, leads out of the images
+directory: absolute, ``../``; ``--allow-outside-images`` reads it). Description reasons: those, plus
+``index_out_of_range`` (``img_idx`` not an integer 0-9), ``missing_description`` (empty or not a string)
+and ``bad_row`` (not UTF-8); a set whose every description is skipped for these counts as that reason
+among the sets. Every skip is logged with the set's number in the file and its name.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from shards.convert import Converter, register_converter
-from shards.records import SUMMARY_FILE, SkipRecord, Summary, image_extension, read_verified_image
+from shards.records import (SUMMARY_FILE, SkipRecord, Summary, add_allow_outside_argument, confined_path,
+                            image_extension, is_utf8, read_metadata, read_verified_image)
 from shards.writer import ShardSetWriter
 
 LOGGER = logging.getLogger("multiclip.shards")
@@ -55,9 +58,12 @@ def set_frames(folder: Path) -> list[Path]:
     return [path for _, path in sorted(frames)]
 
 
-def load_set(folder: Path) -> tuple[dict[str, bytes], list[str]]:
-    """Members ``0.jpg`` ... ``9.jpg`` (verified bytes, original extension) and the file names in order."""
-    frames = set_frames(folder)
+def load_set(images_dir: Path, set_name: str, allow_outside: bool = False) -> tuple[dict[str, bytes], list[str]]:
+    """Members ``0.jpg`` ... ``9.jpg`` (verified bytes, original extension) and the file names in order; the
+    set folder and every image in it must stay inside ``images_dir`` unless ``allow_outside``."""
+    frames = set_frames(confined_path(images_dir, set_name, allow_outside))
+    for path in frames:
+        confined_path(images_dir, f"{set_name}/{path.name}", allow_outside)  # a symlinked frame leading out
     images = {f"{i}.{image_extension(path)}": read_verified_image(path) for i, path in enumerate(frames)}
     return images, [path.name for path in frames]
 
@@ -77,6 +83,8 @@ def description_meta(set_name: str, img_idx: str, description: Any, frames: list
     target = parse_index(img_idx)
     if not isinstance(description, str) or not description.strip():
         raise SkipRecord("missing_description", f"{set_name}/{img_idx}: empty or non-text description")
+    if not is_utf8(description):
+        raise SkipRecord("bad_row", f"{set_name}/{img_idx}: description is not UTF-8")
     text = description.strip()
     return {"task": TASK, "caption": text, "label": text, "description": text, "target": target,
             "static": is_static(set_name), "set": set_name, "frames": frames, "source": f"{set_name}/{img_idx}"}
@@ -98,19 +106,23 @@ class ImageCoDeSummary(Summary):
         return {**super().as_dict(), "sets": self.sets.as_dict()}
 
 
-def convert_set(writer: ShardSetWriter, summary: ImageCoDeSummary, images_dir: Path, set_name: str, entries: Any) -> None:
+def convert_set(writer: ShardSetWriter, summary: ImageCoDeSummary, images_dir: Path, set_name: str, entries: Any,
+                allow_outside: bool = False) -> None:
     """Write every usable description of one set; count the rest."""
     summary.sets.read += 1
-    if not isinstance(entries, dict):
-        summary.read += 1
-        summary.skip_set("bad_set", 1)
-        LOGGER.warning("skipped set %s: bad_set (value is a %s, not an object)", set_name, type(entries).__name__)
+    where = f"set {summary.sets.read} ({set_name!r})"
+    if not isinstance(entries, dict) or not is_utf8(set_name):
+        descriptions = len(entries) if isinstance(entries, dict) else 1
+        summary.read += descriptions
+        summary.skip_set("bad_set", descriptions)
+        LOGGER.warning("skipped %s: bad_set (value is a %s; an object with a UTF-8 name is needed)", where,
+                       type(entries).__name__)
         return
     summary.read += len(entries)
     try:
-        images, frames = load_set(images_dir / set_name)
+        images, frames = load_set(images_dir, set_name, allow_outside)
     except SkipRecord as skip:
-        LOGGER.warning("skipped set %s: %s (%s)", set_name, skip.reason, skip)
+        LOGGER.warning("skipped %s: %s (%s)", where, skip.reason, skip)
         summary.skip_set(skip.reason, len(entries))
         return
     reasons = []
@@ -118,7 +130,7 @@ def convert_set(writer: ShardSetWriter, summary: ImageCoDeSummary, images_dir: P
         try:
             meta = description_meta(set_name, img_idx, description, frames)
         except SkipRecord as skip:
-            LOGGER.warning("skipped description %s/%s: %s (%s)", set_name, img_idx, skip.reason, skip)
+            LOGGER.warning("skipped description %r of %s: %s (%s)", img_idx, where, skip.reason, skip)
             summary.skip(skip.reason)
             reasons.append(skip.reason)
             continue
@@ -136,15 +148,18 @@ def convert_imagecode(
     out: str | Path,
     shard_size: int = 1000,
     overwrite: bool = False,
+    allow_outside_images: bool = False,
 ) -> dict[str, Any]:
-    """ImageCoDe descriptions + set folders to a "contextual" shard set; returns summary.json's content."""
+    """ImageCoDe descriptions + set folders to a "contextual" shard set; returns summary.json's content.
+
+    ``allow_outside_images``: read set folders and images outside ``images`` (else outside_images_root)."""
     descriptions, images, out = Path(descriptions), Path(images), Path(out)
     if not descriptions.is_file():
         raise FileNotFoundError(f"descriptions file {descriptions} does not exist")
     if not images.is_dir():
         raise FileNotFoundError(f"images directory {images} is not a directory")
     try:
-        sets = json.loads(descriptions.read_text(encoding="utf-8"))
+        sets = json.loads(read_metadata(descriptions))
     except ValueError as exc:
         raise ValueError(f"{descriptions}: not valid JSON: {exc}") from exc
     if not isinstance(sets, dict):
@@ -153,7 +168,7 @@ def convert_imagecode(
     summary = ImageCoDeSummary()
     with ShardSetWriter(out, shard_size, overwrite=overwrite) as writer:
         for set_name, entries in sets.items():
-            convert_set(writer, summary, images, set_name, entries)
+            convert_set(writer, summary, images, set_name, entries, allow_outside_images)
     result = summary.as_dict()
     (out / SUMMARY_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -162,6 +177,7 @@ def convert_imagecode(
 def add_imagecode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--descriptions", required=True, help="ImageCoDe {set_name: {img_idx: description}} JSON")
     parser.add_argument("--images", required=True, help="directory with one folder of img<frame>.jpg per set")
+    add_allow_outside_argument(parser)
 
 
 register_converter("imagecode", Converter(

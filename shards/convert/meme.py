@@ -15,12 +15,15 @@ are positives), ``titles[0]`` its ``context``; no titles or an empty first title
 [{"person_1": "happy"}, {"person_2": "sad"}]}, ...]``; a meme's ``emotions`` are the string values of
 its entries in order (an entry may also be a bare string); when an id has several entries the last
 one wins. Nothing is lower-cased or stripped: captions, titles and emotion words are kept as written.
-The image is ``images/{id}.jpg`` (or ``.jpeg``, ``.png``, ``.webp``).
+The image is ``images/{id}.jpg`` (or ``.jpeg``, ``.png``, ``.webp``); ``source`` is that name. An id
+that leads out of the images directory (absolute, ``../``, a symlink out) is never read: it is counted as
+``outside_images_root`` (``--allow-outside-images`` reads it).
 
-Skipped and counted in summary.json, by reason: ``bad_row`` (not an object, no video_id),
+Skipped and counted in summary.json, by reason: ``bad_row`` (not a UTF-8 object, no usable video_id),
 ``duplicate_meme_id`` (a training sentence superseded by a later one for the same meme),
 ``missing_query`` (empty caption/gt), ``missing_emotions`` (no entry in the emotions file: the
-original's loader drops such memes), and from ``write_records`` ``missing_image``, ``corrupt_image``,
+original's loader drops such memes), ``outside_images_root``, and from ``write_records``
+``missing_image``, ``unreadable_image`` (a directory named like the image), ``corrupt_image``,
 ``unsupported_image``.
 """
 from __future__ import annotations
@@ -32,7 +35,8 @@ from typing import Any, Iterator
 
 from shards.convert import Converter, register_converter
 from shards.members import IMAGE_MEMBERS
-from shards.records import SkipRecord, SourceRecord, write_records
+from shards.records import (SkipRecord, SourceRecord, add_allow_outside_argument, image_record, is_utf8,
+                            read_metadata, write_records)
 
 TASK = "meme"
 IMAGE_EXTENSIONS = tuple(f".{ext}" for ext in IMAGE_MEMBERS)  # images/{id}.<ext>: the member formats
@@ -43,7 +47,7 @@ IMAGE_EXTENSIONS = tuple(f".{ext}" for ext in IMAGE_MEMBERS)  # images/{id}.<ext
 
 def read_json(path: Path, what: str) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_metadata(path))
     except ValueError as exc:
         raise ValueError(f"{what} file {path} is not valid JSON: {exc}") from None
 
@@ -54,9 +58,8 @@ def annotation_layout(document: Any, path: Path) -> str:
         if not isinstance(document["sentences"], list) or not isinstance(document.get("titles", {}), dict):
             raise ValueError(f"{path}: 'sentences' must be a list and 'titles' an object of id -> [caption]")
         return "train"
-    if isinstance(document, dict) and document and all(isinstance(v, dict) for v in document.values()) \
-            and any("gt" in v for v in document.values()):
-        return "test"
+    if isinstance(document, dict) and any(isinstance(v, dict) and "gt" in v for v in document.values()):
+        return "test"  # an item that is not an object is a bad_row of this layout
     raise ValueError(f"{path}: neither the training layout ({{'sentences', 'titles'}}) nor the test layout "
                      "({id: {'gt', 'titles'}})")
 
@@ -77,7 +80,7 @@ def read_emotions(path: Path) -> dict[str, list[str]]:
         raise ValueError(f"{path}: the emotions file must be a JSON list of {{'video_id', 'emotion'}} objects")
     emotions: dict[str, list[str]] = {}
     for entry in document:
-        if isinstance(entry, dict) and entry.get("video_id") is not None:
+        if isinstance(entry, dict) and entry.get("video_id") is not None and is_utf8(entry):
             emotions[str(entry["video_id"]).strip()] = emotion_words(entry.get("emotion"))
     return emotions
 
@@ -90,8 +93,8 @@ def first_title(titles: Any) -> str:
 
 
 def meme_key(video_id: Any) -> str | None:
-    """The id a meme is known by (None for a row without one)."""
-    if video_id is None or (isinstance(video_id, str) and not video_id.strip()):
+    """The id a meme is known by (None for a row without one, or whose id is not a string or a number)."""
+    if not isinstance(video_id, (str, int, float)) or isinstance(video_id, bool) or not str(video_id).strip():
         return None
     return str(video_id).strip()
 
@@ -113,42 +116,45 @@ def annotation_rows(document: Any, layout: str) -> Iterator[tuple[str, Any, Any,
             yield f"sentence {number}", video_id, query, context
     else:
         for video_id, item in document.items():
+            if not isinstance(item, dict):
+                yield f"id {video_id}", None, None, ""
+                continue
             yield f"id {video_id}", video_id, item.get("gt"), first_title(item.get("titles"))
 
 
 # --------------------------------------------------------------------------- records
 
 
-def find_image(images: Path, video_id: str) -> Path:
-    """images/{id}.jpg or another image extension (or images/{id} when the id has one); else {id}.jpg."""
-    candidates = [images / video_id] if Path(video_id).suffix.lower() in IMAGE_EXTENSIONS else []
-    candidates += [images / f"{video_id}{ext}" for ext in IMAGE_EXTENSIONS]
-    return next((path for path in candidates if path.is_file()), images / f"{video_id}.jpg")
+def image_names(video_id: str) -> list[str]:
+    """images/{id} when the id has an image extension, then {id}.jpg and the other extensions."""
+    names = [video_id] if Path(video_id).suffix.lower() in IMAGE_EXTENSIONS else []
+    return names + [f"{video_id}{ext}" for ext in IMAGE_EXTENSIONS]
 
 
 def meme_record(reference: str, video_id: Any, query: Any, context: str, images: Path,
-                emotions: dict[str, list[str]]) -> SourceRecord | SkipRecord:
+                emotions: dict[str, list[str]], allow_outside: bool = False) -> SourceRecord | SkipRecord:
     """One annotation to a record; problems become SkipRecords so they are counted, not raised."""
     if video_id is False:
         return SkipRecord("duplicate_meme_id", f"{reference}: a later sentence names the same meme (its caption is kept)")
     video_id = meme_key(video_id)
-    if video_id is None:
-        return SkipRecord("bad_row", f"{reference}: not an object or no video_id")
+    if video_id is None or not is_utf8([video_id, query, context]):
+        return SkipRecord("bad_row", f"{reference}: not a UTF-8 object or no video_id")
     if not isinstance(query, str) or not query.strip():
         return SkipRecord("missing_query", f"{reference} ({video_id}): no query caption")
     if video_id not in emotions:
         return SkipRecord("missing_emotions", f"{reference} ({video_id}): no entry in the emotions file")
-    image = find_image(images, video_id)
     extra = {"video_id": video_id, "context": context, "emotions": emotions[video_id], "reference": reference}
-    return SourceRecord(image, image.name, query, query, extra, task=TASK)
+    return image_record(reference, images, image_names(video_id), allow_outside, caption=query, label=query,
+                        extra=extra, task=TASK)
 
 
-def meme_records(annotations: Path, emotions: Path, images: Path) -> Iterator[SourceRecord | SkipRecord]:
+def meme_records(annotations: Path, emotions: Path, images: Path,
+                 allow_outside: bool = False) -> Iterator[SourceRecord | SkipRecord]:
     document = read_json(annotations, "annotations")
     layout = annotation_layout(document, annotations)
     emotion_map = read_emotions(emotions)
     for reference, video_id, query, context in annotation_rows(document, layout):
-        yield meme_record(reference, video_id, query, context, images, emotion_map)
+        yield meme_record(reference, video_id, query, context, images, emotion_map, allow_outside)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -161,15 +167,19 @@ def convert_meme(
     out: str | Path,
     shard_size: int = 1000,
     overwrite: bool = False,
+    allow_outside_images: bool = False,
 ) -> dict[str, Any]:
-    """Meme annotations (training or test layout) + emotions + images to meme shards; returns summary.json."""
+    """Meme annotations (training or test layout) + emotions + images to meme shards; returns summary.json.
+
+    ``allow_outside_images``: read ids that lead outside ``images`` (else counted as outside_images_root)."""
     annotations, emotions, images = Path(annotations), Path(emotions), Path(images)
     for path, what in ((annotations, "annotations"), (emotions, "emotions")):
         if not path.is_file():
             raise FileNotFoundError(f"{what} file {path} does not exist")
     if not images.is_dir():
         raise FileNotFoundError(f"images directory {images} is not a directory")
-    return write_records(meme_records(annotations, emotions, images), Path(out), shard_size, overwrite)
+    return write_records(meme_records(annotations, emotions, images, allow_outside_images), Path(out), shard_size,
+                         overwrite)
 
 
 def add_meme_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,6 +187,7 @@ def add_meme_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training ({sentences, titles}) or test ({id: {gt, titles}}) JSON")
     parser.add_argument("--emotions", required=True, help="JSON list of {video_id, emotion: [{person_1: word}]}")
     parser.add_argument("--images", required=True, help="directory holding {video_id}.jpg")
+    add_allow_outside_argument(parser)
 
 
 register_converter("meme", Converter(

@@ -4,7 +4,11 @@
 
 Records are a JSON list of objects, a JSON object of id -> object, or JSON lines. Each names its image by
 ``image_path``/``image`` (a local path) or ``image_url``; the file is looked up in the images directory by
-that relative path, then by its file name (for a URL: the last path part, query string dropped).
+that relative path, then by its file name (for a URL: the last path part, query string dropped). A path
+that leaves the images directory (absolute, ``../``, a symlink out) is never read: when no lookup inside
+finds the file, the record is counted as ``outside_images_root`` (``--allow-outside-images`` reads it).
+``source`` is the name found, relative to the images directory. A record that is not a UTF-8 JSON
+object is ``bad_row``.
 
 Labels: TARA's experiments train and score on ``gold_location_suggest`` and ``gold_time_suggest``, so those
 are the fields a record needs by default (``label_fields="suggest"``; ``"gold"`` needs ``gold_location`` and
@@ -32,7 +36,8 @@ from urllib.parse import unquote, urlsplit
 
 from shards.convert import Converter, register_converter
 from shards.jsonl import json_lines
-from shards.records import SUMMARY_FILE, SkipRecord, SourceRecord, write_records
+from shards.records import (SUMMARY_FILE, SkipRecord, SourceRecord, add_allow_outside_argument, image_record,
+                            is_utf8, read_metadata, write_records)
 from shards.writer import existing_shards
 
 
@@ -115,7 +120,7 @@ def json_lines_rows(text: str) -> Iterator[tuple[dict[str, Any], Any]]:
 
 def tara_rows(file: Path) -> Iterator[tuple[dict[str, Any], Any]]:
     """Rows of a .json or .jsonl file; a .json file that is not one JSON document is read as JSON lines."""
-    text = file.read_text(encoding="utf-8")
+    text = read_metadata(file)
     if file.suffix.lower() not in (".jsonl", ".ndjson"):
         try:
             document = json.loads(text)
@@ -136,32 +141,18 @@ def url_file_name(url: str) -> list[str]:
     return list(dict.fromkeys(part for part in (unquote(name), name) if part))
 
 
-def image_candidates(row: dict[str, Any], images: Path) -> list[Path]:
-    """Where the image may be, best first: a local path (as given, then by file name), then the URL's name."""
-    candidates: list[Path] = []
+def image_names(row: dict[str, Any]) -> list[str]:
+    """The image's names in the images directory, best first: a local path (as given, then its file name),
+    then the URL's file name. ``find_image`` confines each to the directory."""
+    names: list[str] = []
     for field in LOCAL_IMAGE_FIELDS:
         value = row.get(field)
         if isinstance(value, str) and value.strip():
-            path = Path(value.strip())
-            candidates += [path if path.is_absolute() else images / path, images / path.name]
+            names += [value.strip(), Path(value.strip()).name]
     url = row.get(URL_FIELD)
     if isinstance(url, str) and url.strip():
-        candidates += [images / name for name in url_file_name(url)]
-    return list(dict.fromkeys(candidates))
-
-
-def find_image(row: dict[str, Any], images: Path) -> Path | None:
-    """The first candidate that exists; else the first candidate (so the skip names it); None if there is none."""
-    candidates = image_candidates(row, images)
-    return next((path for path in candidates if path.is_file()), candidates[0] if candidates else None)
-
-
-def source_name(path: Path, images: Path) -> str:
-    """The image path relative to the images directory, as other converters name ``source``."""
-    try:
-        return path.relative_to(images).as_posix()
-    except ValueError:
-        return path.as_posix()
+        names += url_file_name(url)
+    return [name for name in dict.fromkeys(names) if name]
 
 
 # --------------------------------------------------------------------------- records
@@ -177,13 +168,13 @@ def read_label(row: dict[str, Any], field: str) -> tuple[str | None, str | None]
     return label, (None if label is not None else "invalid")
 
 
-def tara_record(reference: dict[str, Any], row: Any, images: Path,
-                label_fields: str = "suggest") -> SourceRecord | SkipRecord:
+def tara_record(reference: dict[str, Any], row: Any, images: Path, label_fields: str = "suggest",
+                allow_outside: bool = False) -> SourceRecord | SkipRecord:
     """One TARA row to a record; problems become SkipRecords so they are counted, not raised."""
 
     where = ", ".join(f"{key} {value}" for key, value in reference.items())
-    if not isinstance(row, dict):
-        return SkipRecord("bad_row", f"{where}: not a JSON object")
+    if not isinstance(row, dict) or not is_utf8(row):
+        return SkipRecord("bad_row", f"{where}: not a UTF-8 JSON object")
     needed = LABEL_FIELDS[label_fields]
     labels: dict[str, str | None] = {}
     problems: dict[str, str] = {}
@@ -194,8 +185,8 @@ def tara_record(reference: dict[str, Any], row: Any, images: Path,
             return SkipRecord(SKIP_REASONS[field, problem], f"{where}: {field} {row.get(field)!r} is not {kind}")
         if problem == "invalid":
             problems[field] = repr(row.get(field))
-    image = find_image(row, images)
-    if image is None:
+    names = image_names(row)
+    if not names:
         return SkipRecord("missing_image", f"{where}: no {URL_FIELD}, image_path or image field")
     location, time = labels[needed["location"]], labels[needed["time"]]
     abstract = row.get("abstract")
@@ -207,12 +198,14 @@ def tara_record(reference: dict[str, Any], row: Any, images: Path,
         **reference,
     }
     caption = CAPTION_TEMPLATE.format(location=location, time=time)
-    return SourceRecord(image, source_name(image, images), caption, location, extra, task=TASK)
+    return image_record(where, images, names, allow_outside, caption=caption, label=location, extra=extra,
+                        task=TASK)
 
 
-def tara_records(file: Path, images: Path, label_fields: str = "suggest") -> Iterator[SourceRecord | SkipRecord]:
+def tara_records(file: Path, images: Path, label_fields: str = "suggest",
+                 allow_outside: bool = False) -> Iterator[SourceRecord | SkipRecord]:
     for reference, row in tara_rows(file):
-        yield tara_record(reference, row, images, label_fields)
+        yield tara_record(reference, row, images, label_fields, allow_outside)
 
 
 # --------------------------------------------------------------------------- labels.json
@@ -257,10 +250,12 @@ def convert_tara(
     shard_size: int = 1000,
     overwrite: bool = False,
     label_fields: str = "suggest",
+    allow_outside_images: bool = False,
 ) -> dict[str, Any]:
     """TARA-style records to geo_time shards; writes summary.json and labels.json, returns the summary.
 
     ``label_fields``: the label fields a record needs ("suggest": TARA's experiments' fields, "gold").
+    ``allow_outside_images``: read image paths outside ``images`` (else counted as outside_images_root).
     """
 
     records, images, out = Path(records), Path(images), Path(out)
@@ -270,7 +265,8 @@ def convert_tara(
         raise FileNotFoundError(f"images directory {images} is not a directory")
     if label_fields not in LABEL_FIELDS:
         raise ValueError(f"label_fields must be one of {sorted(LABEL_FIELDS)}, got {label_fields!r}")
-    summary = write_records(tara_records(records, images, label_fields), out, shard_size, overwrite)
+    summary = write_records(tara_records(records, images, label_fields, allow_outside_images), out, shard_size,
+                            overwrite)
     labels, unusable = written_labels(out, label_fields)
     (out / LABELS_FILE).write_text(json.dumps(labels, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     summary = {**summary, "label_fields": label_fields, "unusable_labels": unusable}
@@ -283,6 +279,7 @@ def add_tara_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, help="directory holding the images, found by file name")
     parser.add_argument("--label-fields", dest="label_fields", choices=sorted(LABEL_FIELDS), default="suggest",
                         help="label fields a record needs: suggest (gold_*_suggest, TARA's experiments) or gold")
+    add_allow_outside_argument(parser)
 
 
 register_converter("tara", Converter(

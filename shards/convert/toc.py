@@ -5,13 +5,16 @@
 The metadata is a JSON list of records (JSON lines are accepted too), each like
 ``{"ground_path": "4603553409_5b5f2b63b3.jpg", "latitude": 60.1, "longitude": 24.9,
 "time": "2010-05-13 17:49:28.0", "timezone": "Europe/Helsinki"}``. The image is ``images/ground_path``,
-or else ``images/<basename of ground_path>`` (the published images are one flat folder).
+or else ``images/<basename of ground_path>`` (the published images are one flat folder). A ground_path
+that leaves the images directory (absolute, ``../``, a symlink out) is never read: unless its basename is
+found inside, the record is counted as ``outside_images_root`` (``--allow-outside-images`` reads it).
+``source`` is ground_path as written (``/`` for ``\\``), or the basename found for one that leaves.
 
 ``time`` is the photo's local time: hour, minute and month are read from it as written, with no timezone
 conversion, because local time is what the light in the picture follows. A record whose time does not
 parse as a real date and time (month 13, hour 25, empty, missing, not a string) is skipped as
-``bad_time`` rather than put in a wrong bin; a record that is not an object or has no ``ground_path`` is
-``bad_row``. Images are verified and counted (``missing_image``, ``corrupt_image``,
+``bad_time`` rather than put in a wrong bin; a record that is not a UTF-8 object or has no ``ground_path``
+is ``bad_row``. Images are verified and counted (``missing_image``, ``corrupt_image``,
 ``unsupported_image``) by ``shards.records.write_records``.
 
 Per-sample json fields (besides ``caption``, ``label`` and the common ones): ``hour``, ``minute``,
@@ -40,7 +43,8 @@ from typing import Any, Iterator
 
 from shards.convert import Converter, register_converter
 from shards.jsonl import json_lines
-from shards.records import SkipRecord, SourceRecord, write_records
+from shards.records import (SkipRecord, SourceRecord, add_allow_outside_argument, image_record, is_utf8,
+                            read_metadata, write_records)
 from shards.synth.time_of_day import hour_label, time_caption
 
 
@@ -72,8 +76,7 @@ def parse_local_time(value: Any) -> datetime | None:
 
 def metadata_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """(row number, row) from a JSON list (numbered from 1) or JSON lines (line numbers; None if unparseable)."""
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+    text = read_metadata(path)
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -84,24 +87,21 @@ def metadata_rows(path: Path) -> Iterator[tuple[int, Any]]:
     yield from json_lines(text)
 
 
-def resolve_image(images: Path, ground_path: str) -> Path:
-    """images/ground_path if it exists, else images/<basename>; the former is reported when neither does."""
-    relative = PurePosixPath(ground_path.replace("\\", "/"))
-    given = images / relative.relative_to(relative.anchor) if relative.anchor else images / relative
-    if given.is_file():
-        return given
-    flat = images / relative.name
-    return flat if flat.is_file() else given
+def image_names(ground_path: str) -> list[str]:
+    """ground_path (``\\`` read as ``/``), then its basename: where ``find_image`` looks, in the images directory."""
+    given = ground_path.replace("\\", "/")
+    return [given, PurePosixPath(given).name]
 
 
-def toc_record(number: int, row: Any, images: Path, role: str | None = None) -> SourceRecord | SkipRecord:
+def toc_record(number: int, row: Any, images: Path, role: str | None = None,
+               allow_outside: bool = False) -> SourceRecord | SkipRecord:
     """One metadata record to a sample record; problems become SkipRecords so they are counted, not raised.
 
     ``role`` ("query" or "database") becomes the sample's ``retrieval_role``; None: no such field."""
 
-    ground_path = row.get("ground_path") if isinstance(row, dict) else None
+    ground_path = row.get("ground_path") if isinstance(row, dict) and is_utf8(row) else None
     if not isinstance(ground_path, str) or not ground_path.strip():
-        return SkipRecord("bad_row", f"record {number}: not an object or no 'ground_path'")
+        return SkipRecord("bad_row", f"record {number}: not a UTF-8 object or no 'ground_path'")
     if "time" not in row:
         return SkipRecord("bad_time", f"record {number} ({ground_path}): no 'time'")
     taken = parse_local_time(row["time"])
@@ -111,28 +111,27 @@ def toc_record(number: int, row: Any, images: Path, role: str | None = None) -> 
              **{key: row.get(key) for key in KEPT_FIELDS}, "row": number}
     if role is not None:
         extra["retrieval_role"] = role
-    return SourceRecord(
-        image_path=resolve_image(images, ground_path), source=ground_path,
-        caption=time_caption(taken.hour, taken.minute, taken.month), label=hour_label(taken.hour),
-        extra=extra, task=TASK,
-    )
+    return image_record(f"record {number}", images, image_names(ground_path), allow_outside,
+                        caption=time_caption(taken.hour, taken.minute, taken.month), label=hour_label(taken.hour),
+                        extra=extra, task=TASK, keep_first_name=True)
 
 
-def toc_records(metadata: Path, images: Path, queries: Path | None = None) -> Iterator[SourceRecord | SkipRecord]:
+def toc_records(metadata: Path, images: Path, queries: Path | None = None,
+                allow_outside: bool = False) -> Iterator[SourceRecord | SkipRecord]:
     """The records of ``metadata``; with ``queries``, first the query file's (role "query"), then the
     metadata's (role "database"), less those whose image is a query's."""
     if queries is None:
         for number, row in metadata_rows(metadata):
-            yield toc_record(number, row, images)
+            yield toc_record(number, row, images, allow_outside=allow_outside)
         return
     query_images: set[Path] = set()
     for number, row in metadata_rows(queries):
-        record = toc_record(number, row, images, QUERY)
+        record = toc_record(number, row, images, QUERY, allow_outside)
         if isinstance(record, SourceRecord):
             query_images.add(record.image_path)
         yield record
     for number, row in metadata_rows(metadata):
-        record = toc_record(number, row, images, DATABASE)
+        record = toc_record(number, row, images, DATABASE, allow_outside)
         if isinstance(record, SourceRecord) and record.image_path in query_images:
             record = SkipRecord("query_in_database", f"database record {number} ({record.source}) is a query's image")
         yield record
@@ -148,11 +147,13 @@ def convert_toc(
     shard_size: int = 1000,
     overwrite: bool = False,
     queries: str | Path | None = None,
+    allow_outside_images: bool = False,
 ) -> dict[str, Any]:
     """TOC metadata (JSON list or lines) + image folder to a "time" shard set; returns summary.json.
 
     ``queries``: TICL's retrieval query file; its records are written too, marked as queries, and the
-    metadata's records as the database (json ``retrieval_role``)."""
+    metadata's records as the database (json ``retrieval_role``). ``allow_outside_images``: read image
+    paths outside ``images`` (else counted as outside_images_root)."""
 
     metadata, images = Path(metadata), Path(images)
     queries = None if queries is None else Path(queries)
@@ -161,7 +162,8 @@ def convert_toc(
             raise FileNotFoundError(f"{what} file {path} does not exist")
     if not images.is_dir():
         raise FileNotFoundError(f"images directory {images} is not a directory")
-    return write_records(toc_records(metadata, images, queries), Path(out), shard_size, overwrite)
+    return write_records(toc_records(metadata, images, queries, allow_outside_images), Path(out), shard_size,
+                         overwrite)
 
 
 def add_toc_arguments(parser: argparse.ArgumentParser) -> None:
@@ -170,6 +172,7 @@ def add_toc_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queries", default=None,
                         help="retrieval queries (TICL: query_toc.json), written into the same shards with "
                              "retrieval_role 'query'; --metadata's records become the 'database'")
+    add_allow_outside_argument(parser)
 
 
 register_converter("toc", Converter(

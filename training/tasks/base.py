@@ -5,7 +5,8 @@ so all tasks share one backbone and one DeepSpeed engine.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable
+import math
+from typing import TYPE_CHECKING, Any, ClassVar, Collection, Iterable
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -15,6 +16,73 @@ from training.backbone import Backbone, SampleContext
 
 if TYPE_CHECKING:
     from training.export.graph import HeadExport
+
+
+# --------------------------------------------------------------------------- per-sample json fields
+#
+# ``map_sample`` runs inside the loader's fault-tolerant stage (``shards.samples.map_samples``): what it
+# raises skips the one sample as ``map_error``, logged with its shard and key. A field of the wrong type
+# that it let through would fail later, in collation, the loss or the metrics, where it kills the run.
+# So every field a task reads goes through one of these; the message names the field and what it got.
+
+REQUIRED: Any = object()  # ``default`` of a field that must be present
+
+
+def _got(value: Any) -> str:
+    text = repr(value)
+    return f"{text[:60]}..." if len(text) > 63 else text
+
+
+def _present(meta: Any, name: str, default: Any, nullable: bool) -> tuple[bool, Any]:
+    """(True, value) for a present field; (False, default) when it may be left out (``nullable``: null too)."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"json must be an object, got {type(meta).__name__}")
+    if name not in meta or (nullable and meta[name] is None):
+        if default is REQUIRED:
+            raise ValueError(f"json.{name} is missing")
+        return False, default
+    return True, meta[name]
+
+
+def require_str(meta: dict[str, Any], name: str, default: Any = REQUIRED, *, allow_empty: bool = False,
+                nullable: bool = False, choices: Collection[str] | None = None) -> str:
+    """``meta[name]`` as a string: non-empty (not only blanks) unless ``allow_empty``, one of ``choices``
+    when given. Absent (or null, with ``nullable``): ``default``, or an error without one. Anything else
+    (a number, null, a list, an object) is a ValueError naming ``json.<name>``."""
+    present, value = _present(meta, name, default, nullable)
+    if not present:
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"json.{name} must be a string, got {_got(value)} ({type(value).__name__})")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"json.{name} must be a non-empty string, got {_got(value)}")
+    if choices is not None and value not in choices:
+        raise ValueError(f"json.{name} must be one of {sorted(choices)}, got {_got(value)}")
+    return value
+
+
+def require_int(meta: dict[str, Any], name: str, default: Any = REQUIRED, *, low: int | None = None,
+                high: int | None = None) -> int:
+    """``meta[name]`` as an int in ``[low, high]`` (inclusive). A whole float (``18.0``, as pandas writes
+    integers) is accepted; a bool, a fractional float, a string of digits, null or a list is not."""
+    present, value = _present(meta, name, default, False)
+    if not present:
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"json.{name} must be an integer, got {_got(value)} ({type(value).__name__})")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"json.{name} must lie in [{low}, {high}], got {value}")
+    return value
+
+
+def require_bool(meta: dict[str, Any], name: str, default: Any = REQUIRED) -> bool:
+    """``meta[name]`` as a bool: ``true`` or ``false`` only (not 0/1, not the string "false")."""
+    present, value = _present(meta, name, default, False)
+    if present and not isinstance(value, bool):
+        raise ValueError(f"json.{name} must be true or false, got {_got(value)} ({type(value).__name__})")
+    return value
 
 
 class TaskOptions(BaseModel):
@@ -74,6 +142,12 @@ class Task(nn.Module):
         """Columns the Ray extraction job writes from this head in torch (``training/extract_torch.py``),
         named as the export's ``extraction`` metadata names them; default: none."""
         return {}
+
+    @classmethod
+    def min_held_out_samples(cls, options: TaskOptions) -> tuple[int, str]:
+        """(the fewest held-out samples this task's evaluation can score, the option that sets it);
+        checked against the held-out shards' counts before any work (``training.data.check_held_out``)."""
+        return 1, ""
 
     @classmethod
     def exports_onnx(cls) -> bool:

@@ -37,7 +37,7 @@ from training.export.graph import Graph, HeadExport
 from training.losses import gather_across_ranks, initial_log_logit_scale, logit_scale, symmetric_infonce, text_id
 from training.backbone import Backbone
 from training.registry import register_task
-from training.tasks.base import Task, TaskOptions
+from training.tasks.base import Task, TaskOptions, require_bool, require_int, require_str
 
 
 class ContextualOptions(TaskOptions):
@@ -153,16 +153,18 @@ class ContextualTask(Task):
         the content by more than the differences the descriptions are about."""
         meta = sample["json"]
         n = self.options.num_candidates
-        target = int(meta["target"])
-        if not 0 <= target < n:
-            raise ValueError(f"json.target={meta['target']!r} is not an index of {n} images")
-        description = meta.get("description") or meta.get("caption")
-        if not isinstance(description, str) or not description.strip():
-            raise ValueError("json has no 'description'")
+        target = require_int(meta, "target", low=0, high=n - 1)  # an index of the set's n images
+        # the description; absent, null or blank: the caption (ImageCoDe's converter writes both)
+        description = require_str(meta, "description", "", allow_empty=True, nullable=True)
+        if not description.strip():
+            if "caption" not in meta:
+                raise ValueError("json.description is missing (and there is no json.caption to use instead)")
+            description = require_str(meta, "caption")
+        static = require_bool(meta, "static", False)
         frames = [frame_image(sample, i) for i in range(n)]
         return {"task": "contextual", "images": torch.stack([backbone.preprocess_val(f) for f in frames]),
                 "text": backbone.tokenizer([description])[0], "text_id": text_id(description),
-                "target": target, "static": bool(meta.get("static", False)), "key": sample["__key__"]}
+                "target": target, "static": static, "key": sample["__key__"]}
 
     def _embed(self, backbone: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised frame embeddings [B, C, D] and text embeddings [B, D], through the backbone's forward."""

@@ -10,6 +10,7 @@ classes, as sklearn's per-class arrays; the query class uniform among the batch'
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable
 
 import torch
@@ -21,7 +22,9 @@ from training.export.graph import HeadExport
 from training.losses import gather_across_ranks, initial_log_logit_scale, logit_scale, symmetric_infonce, text_id
 from training.backbone import Backbone
 from training.registry import register_task
-from training.tasks.base import Task, TaskOptions
+from training.tasks.base import Task, TaskOptions, require_str
+
+LOGGER = logging.getLogger("multiclip.retrieval")
 
 
 class RetrievalOptions(TaskOptions):
@@ -44,9 +47,15 @@ class RetrievalTask(Task):
         self.logit_scale = nn.Parameter(torch.tensor(initial_log_logit_scale(options.init_logit_scale, backbone)))
         self.tokenizer = backbone.tokenizer  # for zero-shot class prompts at evaluation
 
+    @classmethod
+    def min_held_out_samples(cls, options: RetrievalOptions) -> tuple[int, str]:
+        return options.candidate_batch_size, "options.candidate_batch_size"
+
     def map_sample(self, sample: dict[str, Any], backbone: Backbone, train: bool) -> dict[str, Any]:
+        """json ``caption`` (a non-empty string) and ``label`` (a non-empty string; absent: the caption)."""
         meta = sample["json"]
-        caption = meta["caption"]
+        caption = require_str(meta, "caption")
+        label = require_str(meta, "label", caption)
         preprocess = backbone.preprocess_train if train else backbone.preprocess_val
         return {
             "task": "retrieval",
@@ -54,7 +63,7 @@ class RetrievalTask(Task):
             "text": backbone.tokenizer([caption])[0],
             "caption_id": text_id(caption),
             "caption": caption,
-            "label": meta.get("label", caption),
+            "label": label,
             "key": sample["__key__"],
         }
 
@@ -129,10 +138,15 @@ def score_retrieval(emb: dict[str, Any], class_emb: torch.Tensor, classnames: li
         logits = emb["image"][known] @ class_emb.T
         out.update({f"zeroshot_{k}": v for k, v in metrics.topk_accuracy(logits, targets, (1, 5)).items()})
         out["zeroshot_top1_chance"] = 1.0 / len(classnames)
-        prf = metrics.candidate_batch_prf(class_emb, emb["image"][known], targets,
-                                          batch_size=options.candidate_batch_size,
-                                          threshold=options.candidate_threshold,
-                                          num_batches=options.candidate_batches)
-        out.update({f"candidate_{k}": v for k, v in prf.items() if k != "batches"})
+        if len(known) >= options.candidate_batch_size:
+            prf = metrics.candidate_batch_prf(class_emb, emb["image"][known], targets,
+                                              batch_size=options.candidate_batch_size,
+                                              threshold=options.candidate_threshold,
+                                              num_batches=options.candidate_batches)
+            out.update({f"candidate_{k}": v for k, v in prf.items() if k != "batches"})
+        else:  # the start-up check counted enough; skipped samples or classnames left fewer
+            LOGGER.warning("retrieval: candidate_* metrics left out: %d held-out sample(s) with a label among the "
+                           "classes, fewer than options.candidate_batch_size = %d", len(known),
+                           options.candidate_batch_size)
     out["num_samples"] = len(emb["caption"])
     return out

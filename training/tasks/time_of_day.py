@@ -45,7 +45,7 @@ from training.export.graph import Graph, HeadExport
 from training.losses import logit_scale
 from training.backbone import Backbone
 from training.registry import register_task
-from training.tasks.base import Task, TaskOptions
+from training.tasks.base import Task, TaskOptions, require_int, require_str
 
 
 MINUTES_PER_DAY = 24 * 60
@@ -139,12 +139,9 @@ class TimeTask(Task):
 
     def map_sample(self, sample: dict[str, Any], backbone: Backbone, train: bool) -> dict[str, Any]:
         meta = sample["json"]
-        hour, minute, month = int(meta["hour"]), int(meta.get("minute", 30)), int(meta["month"])
-        if not (0 <= hour < 24 and 0 <= minute < 60 and 1 <= month <= 12):
-            raise ValueError(f"time out of range: hour={hour} minute={minute} month={month}")
-        role = meta.get("retrieval_role")
-        if role is not None and role not in ROLES:
-            raise ValueError(f"retrieval_role must be one of {sorted(ROLES)} or absent, got {role!r}")
+        hour, month = require_int(meta, "hour", low=0, high=23), require_int(meta, "month", low=1, high=12)
+        minute = require_int(meta, "minute", 30, low=0, high=59)
+        role = require_str(meta, "retrieval_role", None, nullable=True, choices=ROLES)  # absent or null: neither
         minutes = hour * 60 + minute
         preprocess = backbone.preprocess_train if train else backbone.preprocess_val
         return {"task": "time", "image": preprocess(sample["image"]), "key": sample["__key__"],
