@@ -478,9 +478,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     elif address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        with _loopback_node():
-            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, runtime_env=runtime_env,
-                     _node_ip_address="127.0.0.1")
+        with _loopback_node():  # "local": a new Ray, never one a `ray start` left (live or dead) in /tmp/ray
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                     runtime_env=runtime_env, _node_ip_address="127.0.0.1")
 
 
 def _is_loopback(address: str) -> bool:

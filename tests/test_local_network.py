@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import psutil
 
@@ -85,6 +86,10 @@ def test_local_ray_listens_on_loopback_only(tmp_path):
     temp = tempfile.mkdtemp(prefix="ray18_", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PYTHONPATH=str(ROOT), RAY_TMPDIR=temp, RAY_AUTH_MODE="disabled")
+    # a `ray start` cluster that died and left its address file: a local run starts its own Ray beside it
+    # (ray.init() with no address would try to join it, and refuse num_cpus even if it were alive)
+    Path(temp, "ray").mkdir()
+    Path(temp, "ray", "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")
     ready, log = tmp_path / "ready", tmp_path / "ray.log"
     with open(log, "w") as out:
         driver = subprocess.Popen([sys.executable, "-c", RAY_DRIVER, str(ready)], cwd=ROOT, env=env,
