@@ -1,4 +1,4 @@
-"""Losses shared by tasks: multi-positive InfoNCE and the cross-rank feature gather it needs."""
+"""Losses shared by tasks: multi-positive InfoNCE, SigLIP's sigmoid loss and the cross-rank feature gather they need."""
 from __future__ import annotations
 
 import math
@@ -45,6 +45,23 @@ def symmetric_infonce(a: torch.Tensor, b: torch.Tensor, ids: torch.Tensor, scale
     logits = scale * a.float() @ b.float().T
     positives = ids[:, None] == ids[None, :]
     return (multi_positive_infonce(logits, positives) + multi_positive_infonce(logits.T, positives.T)) / 2
+
+
+SIGLIP_LOG_LOGIT_SCALE = math.log(10)  # SigLIP's starting temperature (scale 10)
+SIGLIP_LOGIT_BIAS = -10.0  # SigLIP's starting bias: most pairs are negatives, so start near "no"
+
+
+def sigmoid_pair_loss(image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor, scale: torch.Tensor,
+                      bias: torch.Tensor) -> torch.Tensor:
+    """SigLIP's loss: each image-text pair is its own binary decision (+1 positive, -1 negative).
+
+    Summed over the texts, averaged over the images. No softmax ties a row to the others, so a rank can
+    score its own images against every rank's texts, and the per-rank losses times the local batch add up
+    to the loss of the concatenated batch.
+    """
+    logits = scale * image.float() @ text.float().T + bias
+    signs = positives.float() * 2 - 1
+    return -F.logsigmoid(signs * logits).sum(dim=1).mean()
 
 
 def gather_across_ranks(t: torch.Tensor, with_grad: bool) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """retrieval: text<->image contrastive fine-tuning (task spec section 1).
 
-Head: the backbone's own projections plus a learnable logit scale. Loss: symmetric InfoNCE where
-every pair with the same caption is a positive (multi-positive), gathered across ranks.
+Head: the backbone's own projections plus a learnable logit scale. Loss (``options.loss``): symmetric
+InfoNCE where every pair with the same caption is a positive (multi-positive), gathered across ranks; or
+SigLIP's sigmoid loss (one binary decision per pair, with a learnable logit bias), where each rank scores
+its own images against every rank's texts, positives again the pairs with the same caption.
 Metrics: image->text / text->image R@1/5/10, zero-shot top-1/top-5 from class prompts, and the
 original work's candidate-batch precision/recall/F1 (cosine similarity, threshold): ``candidate_precision``
 / ``_recall`` / ``_f1`` are the original's figures (per batch, the mean over the "relevant" and "not relevant"
@@ -11,7 +13,7 @@ classes, as sklearn's per-class arrays; the query class uniform among the batch'
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,8 @@ from torch import nn
 
 from training import metrics
 from training.export.graph import HeadExport
-from training.losses import gather_across_ranks, initial_log_logit_scale, logit_scale, symmetric_infonce, text_id
+from training.losses import (SIGLIP_LOG_LOGIT_SCALE, SIGLIP_LOGIT_BIAS, gather_across_ranks, initial_log_logit_scale,
+                             logit_scale, sigmoid_pair_loss, symmetric_infonce, text_id)
 from training.backbone import Backbone
 from training.registry import register_task
 from training.tasks.base import Task, TaskOptions, require_str
@@ -30,7 +33,9 @@ LOGGER = logging.getLogger("multiclip.retrieval")
 class RetrievalOptions(TaskOptions):
     templates: tuple[str, ...] = ("this is a photo of a {}",)  # zero-shot class prompts
     classnames: tuple[str, ...] | None = None  # zero-shot classes; None: the labels seen in eval data
-    init_logit_scale: float | None = None  # None: start from the backbone's logit scale
+    loss: Literal["infonce", "siglip"] = "infonce"  # siglip: SigLIP's sigmoid loss with a learned bias
+    init_logit_scale: float | None = None  # None: the backbone's logit scale (infonce), log 10 (siglip)
+    init_logit_bias: float = SIGLIP_LOGIT_BIAS  # -10; siglip only: SigLIP's starting bias; a training-only term
     gather_across_ranks: bool = True  # negatives from every rank's batch, as open_clip does
     candidate_batch_size: int = 10  # N candidates per batch in the candidate-batch protocol
     candidate_threshold: float = 0.25  # cosine at or above which a candidate counts as retrieved
@@ -44,8 +49,17 @@ class RetrievalTask(Task):
 
     def __init__(self, options: RetrievalOptions, backbone: Backbone):
         super().__init__(options, backbone)
-        self.logit_scale = nn.Parameter(torch.tensor(initial_log_logit_scale(options.init_logit_scale, backbone)))
+        self.logit_scale = nn.Parameter(torch.tensor(self._initial_log_scale(options, backbone)))
+        if options.loss == "siglip":  # a 0-d parameter: saved with the head, no weight decay (training.params)
+            self.logit_bias = nn.Parameter(torch.tensor(float(options.init_logit_bias)))
         self.tokenizer = backbone.tokenizer  # for zero-shot class prompts at evaluation
+
+    @staticmethod
+    def _initial_log_scale(options: RetrievalOptions, backbone: Backbone) -> float:
+        """SigLIP starts from its own scale (10): the backbone's (CLIP's ~100) saturates the sigmoids."""
+        if options.loss == "siglip" and options.init_logit_scale is None:
+            return SIGLIP_LOG_LOGIT_SCALE
+        return initial_log_logit_scale(options.init_logit_scale, backbone)
 
     @classmethod
     def min_held_out_samples(cls, options: RetrievalOptions) -> tuple[int, str]:
@@ -75,12 +89,28 @@ class RetrievalTask(Task):
     def training_forward(self, backbone, batch):
         image, text = self._encode(backbone, batch)
         ids = torch.as_tensor(batch["caption_id"], device=image.device)
+        if self.options.loss == "siglip":
+            return self._siglip_forward(image, text, ids)
         if self.options.gather_across_ranks:
             image, text = gather_across_ranks(image, True), gather_across_ranks(text, True)
             ids = gather_across_ranks(ids, False)
         scale = logit_scale(self.logit_scale)
         loss = symmetric_infonce(image, text, ids, scale)
         return {"contrastive_loss": loss}, {"logit_scale": scale.detach()}
+
+    def _siglip_forward(self, image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor):
+        """This rank's images against every rank's texts (gradients flow back to each text's owner).
+
+        DeepSpeed averages gradients over ranks, so the mean of the per-rank losses is what is optimised:
+        with equal local batches that is the sigmoid loss of the concatenated batch.
+        """
+        local_ids = ids
+        if self.options.gather_across_ranks:
+            text, ids = gather_across_ranks(text, True), gather_across_ranks(ids, False)
+        scale = logit_scale(self.logit_scale)
+        positives = local_ids[:, None] == ids[None, :]  # the same sample, or another with the same caption
+        loss = sigmoid_pair_loss(image, text, positives, scale, self.logit_bias)
+        return {"contrastive_loss": loss}, {"logit_scale": scale.detach(), "logit_bias": self.logit_bias.detach()}
 
     @torch.no_grad()
     def embed(self, backbone: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, Any]:
