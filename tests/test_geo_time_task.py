@@ -193,17 +193,27 @@ def test_extra_cls_tokens_start_as_copies_of_cls():
 def test_open_world_cities_known_only_from_the_corpus(tmp_path):
     """QR-CLIP's claim on the synthetic world: held-out photos of the knowledge-only cities (never in
     training, described in knowledge.txt like every other city). Two stages as QR-CLIP trains; every
-    figure is compared with the strongest trivial baseline, not with uniform chance.
+    figure is compared with the strongest trivial baseline, not with uniform chance. The relevance stage
+    trains against the training set's labels only (QR-CLIP's protocol: labels.json's ``unseen`` labels are
+    left out of the training candidates), evaluation scores all the held-out labels.
 
     What holds and is asserted: on the seen cities the relevance module with the retrieved texts beats
     the quantity module, and overall it beats the majority label; the label priors (majority, parent
     prior: the country's common city) score 0 on the unseen cities, as they only answer labels they have
-    seen. What does NOT hold at this size, so it is not asserted (measured on these 400 held-out photos,
-    107 of unseen cities): on the unseen cities the relevance module scores top-1 0.084 with the texts,
-    0.103 without them, the quantity module 0.271, the priors 0.0; its cross-entropy over all candidates
-    never has an unseen label as target and learns to push them down, and the retrieved texts add
-    nothing over the control (seen 0.614 vs 0.631). Nor does it reach the parent prior overall (0.472 vs
-    0.713), a rule that reads the country from the gold label.
+    seen, while the relevance module does answer some (0.224; 0.084 with the unseen labels among the
+    training candidates, ``train_on_unseen_candidates``, whose cross-entropy pushes them down; with
+    run.seed 1: 0.047 vs 0.037, the quantity module 0.121, so the figure depends on stage 1's luck; the
+    protocol costs the seen cities 0.614 -> 0.519, seed 1 0.706 -> 0.628, as unseen candidates are no
+    longer pushed down).
+    What does NOT hold at this size, so it is not asserted (measured on these 400 held-out photos, 107 of
+    unseen cities): that the knowledge helps on the unseen cities. Top-1 there: knowledge 0.224, the
+    no-knowledge control 0.178, the quantity module 0.271, the priors 0.0. The blocker is retrieval: the
+    from-scratch towers put a photo's location tokens at cosine ~0.4-0.5 from its own label prompt while
+    distractor texts sit at ~0.6, so the top-4 texts per token include the gold city's text for 0 of the
+    107 unseen-city photos (recall@16 with the world's ``knowledge_prompt_form`` texts: 0.075), and the
+    retrieved texts add nothing the control lacks
+    (seen 0.519 vs 0.560). Nor does it reach the parent prior overall (0.440 vs 0.713), a rule that reads
+    the country from the gold label.
     """
     from conftest import _train, _write_config, tiny_config
     from shards.synth import write_split
@@ -240,6 +250,8 @@ def test_open_world_cities_known_only_from_the_corpus(tmp_path):
         assert after[f"location_top1_{name}_baseline_rule"] == "parent prior"
     # seen cities: knowledge beats the quantity module (measured 0.614 vs 0.355, 293 photos)
     assert after["location_top1_knowledge_seen"] >= after["location_top1_base_seen"] + 0.1
+    # unseen cities: the relevance module answers some, the priors none (measured 0.224; run.seed 1: 0.047)
+    assert after["location_top1_knowledge_unseen"] > 0.0
     # all held-out photos: knowledge beats the majority label (measured 0.472 vs majority below 0.2);
     # the parent prior, which reads the country from the gold label, stays ahead (0.713)
     import webdataset as wds
@@ -251,3 +263,31 @@ def test_open_world_cities_known_only_from_the_corpus(tmp_path):
     majority = sum(p == g for p, g in zip(prior_rules("location", golds)["majority"], golds)) / len(golds)
     assert majority < 0.25 and after["location_top1_knowledge"] >= majority + 0.15
     assert after["location_top1_knowledge_baseline"] > majority  # the reported baseline is the stronger rule
+
+
+def test_relevance_training_candidates_leave_out_unseen_labels(tmp_path):
+    """QR-CLIP's protocol: the relevance module trains against the training set's labels; labels.json's
+    ``unseen`` labels are no training target nor candidate unless ``train_on_unseen_candidates``."""
+    from training.config import ModelConfig
+    from training.backbone import create_backbone
+    from training.tasks.geo_time import GeoTimeOptions, GeoTimeTask
+
+    from conftest import ROOT
+
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"location": ["A, X, R", "B, X, R", "C, X, R"], "time": ["2017", "2017-5"],
+                                  "unseen": {"location": ["C, X, R"], "time": []}}))
+    corpus = tmp_path / "knowledge.txt"
+    corpus.write_text("a photo taken in C, X, R shows its tall red tower\nsomething else\n")
+    backbone = create_backbone(ModelConfig(name="tiny-vit", model_config_dir=str(ROOT / "configs" / "models")))
+    common = {"num_cls_tokens": 1, "stage": "relevance", "labels_file": str(labels), "knowledge_corpus": str(corpus)}
+    task = GeoTimeTask(GeoTimeOptions(**common), backbone)
+    assert task.train_labels == {"location": ["A, X, R", "B, X, R"], "time": ["2017", "2017-5"]}
+    assert task.labels["location"] == ["A, X, R", "B, X, R", "C, X, R"]  # exported / served candidates
+    task.prepare(backbone.model, cache=False)
+    assert task.candidate_emb["location"].shape[0] == 2
+    with pytest.raises(ValueError, match="marked unseen"):
+        task._candidate_index("location", ["C, X, R"], "cpu")
+    keep = GeoTimeTask(GeoTimeOptions(**common, train_on_unseen_candidates=True), backbone)
+    assert keep.train_labels["location"] == task.labels["location"]
+    assert keep._candidate_index("location", ["C, X, R"], "cpu").tolist() == [2]

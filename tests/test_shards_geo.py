@@ -257,6 +257,12 @@ def test_knowledge_corpus_describes_every_cue_among_distractors(tmp_path: Path) 
         words = set(line.replace(",", " ").split())
         assert not words & world_names and not words & world_years, line
     assert write_knowledge_corpus(meta, tmp_path / "default.txt") == len(cue_lines) + 2000
+    # the prompt-form option adds, per city, a text that opens with the label prompt's own words
+    prompted = synth_geo.cue_texts({**meta, "knowledge_prompt_form": True})
+    for region, country, city in synth_geo.iter_locations(meta):
+        texts = prompted[f"city:{city['name']}"]
+        assert len(texts) == 4 and texts[:3] == synth_geo.cue_texts(meta)[f"city:{city['name']}"]
+        assert texts[3].startswith(f"a photo taken in {synth_geo.location_label(city, country, region)} shows its ")
 
 
 # --------------------------------------------------------------------------- TARA converter

@@ -17,6 +17,11 @@ and that the knowledge corpus describes like the others; held-out photos show it
 of the world from their own RNG and have weight 0 in training, so the training photos are the ones the
 12-city world gives. ``labels.json`` lists them under ``unseen`` (the task reports ``*_unseen`` metrics).
 Time labels have no knowledge-only counterpart (see ``labels_of``).
+``meta["knowledge_prompt_form"]`` (off by default) adds a fourth text per city that opens with the label
+prompt's own words ("a photo taken in City, Country, Region shows its tall red tower"). With the tiny
+from-scratch text tower of the world test its nearest label prompt is its own for 5 of the 6
+knowledge-only cities (the "City, Country, Region is known for ..." form: 3 of 6), at a margin of ~0.01
+cosine; it moved no measured top-1, as the photos' location tokens do not retrieve it.
 Positions, sizes, clouds, trees and noise vary per sample. ``write_knowledge_corpus`` writes texts that
 describe these cues by name (the retrieval side of QR-CLIP) among many distractors that describe nothing
 in the images. Registers itself with ``shards.synth`` as "geo_time"; ``write_geo_extras`` writes the
@@ -707,12 +712,18 @@ def landmark_phrase(shape: str, colour: str) -> str:
     return f"{LANDMARKS.get(shape, 'famous')} {colour} {LANDMARK_NOUNS.get(shape, shape)}"
 
 
-def city_texts(city: str, country: str, shape: str, colour: str, region: str = "") -> list[str]:
+def city_texts(city: str, country: str, shape: str, colour: str, region: str = "",
+               prompt_form: bool = False) -> list[str]:
+    """Three texts naming the city and describing its landmark; ``prompt_form`` (with ``region``) adds a
+    fourth that opens with the label prompt's own words, "a photo taken in City, Country, Region shows ..."."""
     phrase = landmark_phrase(shape, colour)
     path = f"{city}, {country}, {region}" if region else f"{city} in {country}"
-    return [f"{path} is known for its {phrase}",
-            f"the skyline of {city} is dominated by a {phrase}",
-            f"visitors to {city} always photograph the {colour} {LANDMARK_NOUNS.get(shape, shape)}"]
+    texts = [f"{path} is known for its {phrase}",
+             f"the skyline of {city} is dominated by a {phrase}",
+             f"visitors to {city} always photograph the {colour} {LANDMARK_NOUNS.get(shape, shape)}"]
+    if prompt_form and region:
+        texts.append(f"a photo taken in {path} shows its {phrase}")
+    return texts
 
 
 def country_texts(country: str, region: str, flag: dict[str, Any]) -> list[str]:
@@ -756,7 +767,8 @@ def cue_texts(task_meta: dict[str, Any]) -> dict[str, list[str]]:
             texts[f"country:{country['name']}"] = country_texts(country["name"], region["name"], country["flag"])
             for city in country["cities"]:
                 texts[f"city:{city['name']}"] = city_texts(city["name"], country["name"], city["landmark"],
-                                                           city["colour"], region["name"])
+                                                           city["colour"], region["name"],
+                                                           task_meta.get("knowledge_prompt_form", False))
     for index, decade in enumerate(task_meta["decades"]):
         texts[f"decade:{decade['name']}"] = decade_texts(decade["name"], DECADE_STYLES[index].description,
                                                          DECADE_STYLES[index].name)

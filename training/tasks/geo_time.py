@@ -8,8 +8,9 @@ ViT checkpoint loads as it is.
 Knowledge search: each [CLS] embedding retrieves its top-k texts from an embedded corpus.
 Relevance module: a small scorer weights the image embedding and each retrieved knowledge embedding;
 the weighted sum (plus a residual linear map, ``relevance_adapter``) is matched by cosine against the
-candidate label prompts, cross-entropy over all of them; its scores are added to the quantity module's
-with a learned gate per quantity.
+training candidates' label prompts (QR-CLIP: the training set's labels, so labels.json's ``unseen`` ones
+are left out unless ``train_on_unseen_candidates``), cross-entropy over them; its scores are added to the
+quantity module's with a learned gate per quantity. Evaluation scores the evaluated set's labels.
 Metrics (TARA): top-1 accuracy and Example-F1 over hierarchical labels: base (quantity module alone),
 knowledge (with the relevance module) and no_knowledge (the relevance module given no retrieved texts:
 the control that shows what the knowledge itself adds). Labels come from ``gold_location_suggest`` and
@@ -63,6 +64,10 @@ class GeoTimeOptions(TaskOptions):
     knowledge_top_k: int = 4  # texts retrieved per [CLS] token
     knowledge_refresh_steps: int = 50  # joint stage: re-embed the corpus with the moving text tower this often
     labels_file: str | None = None  # {"location": [...], "time": [...]}: training candidates
+    # QR-CLIP's protocol: the relevance module's training candidates are the training set's labels, so
+    # labels.json's "unseen" labels (absent from training) are left out of them; evaluation always scores
+    # the evaluated set's labels. true: keep them in (every training step then pushes them down)
+    train_on_unseen_candidates: bool = False
     relevance_hidden: int = 256
     relevance_adapter: bool = True  # a residual linear map on the fused embedding (zero at start)
     # json field describing what the photo shows (no label names). When set, the image [CLS] is trained
@@ -174,6 +179,10 @@ class GeoTimeTask(Task):
         self.labels = resolve_labels(document, self.fields) if document else None
         unseen = (document or {}).get(UNSEEN_KEY) or {}
         self.unseen = {q: set(unseen.get(q, ())) for q in QUANTITIES}
+        # the relevance module's training candidates (QR-CLIP: the training set's labels, see the option)
+        self.train_labels = None if self.labels is None else {
+            q: [x for x in self.labels[q] if options.train_on_unseen_candidates or x not in self.unseen[q]]
+            for q in QUANTITIES}
         self.corpus_emb: torch.Tensor | None = None  # filled by prepare()
         self.candidate_emb: dict[str, torch.Tensor] = {}
 
@@ -227,7 +236,7 @@ class GeoTimeTask(Task):
             _, self.corpus_emb = knowledge.embed_corpus(backbone, self.tokenizer, self.options.knowledge_corpus,
                                                         cache=cache)
         if self.labels:
-            self.candidate_emb = {q: self.label_embeddings(backbone, q, self.labels[q]) for q in QUANTITIES}
+            self.candidate_emb = {q: self.label_embeddings(backbone, q, self.train_labels[q]) for q in QUANTITIES}
 
     @torch.no_grad()
     def label_embeddings(self, backbone: nn.Module, quantity: str, labels: list[str]) -> torch.Tensor:
@@ -280,7 +289,7 @@ class GeoTimeTask(Task):
         self._steps = getattr(self, "_steps", 0) + 1
         was_training = backbone.training
         backbone.eval()
-        self.candidate_emb = {q: self.label_embeddings(backbone, q, self.labels[q]) for q in QUANTITIES}
+        self.candidate_emb = {q: self.label_embeddings(backbone, q, self.train_labels[q]) for q in QUANTITIES}
         if self._steps % self.options.knowledge_refresh_steps == 0:
             _, self.corpus_emb = knowledge.embed_corpus(backbone, self.tokenizer, self.options.knowledge_corpus,
                                                         cache=False)
@@ -310,10 +319,11 @@ class GeoTimeTask(Task):
                                  gather_across_ranks(ids, False), logit_scale(self.description_logit_scale))
 
     def _candidate_index(self, quantity: str, labels: list[str], device) -> torch.Tensor:
-        index = {label: i for i, label in enumerate(self.labels[quantity])}
+        index = {label: i for i, label in enumerate(self.train_labels[quantity])}
         missing = [x for x in labels if x not in index]
         if missing:
-            raise ValueError(f"{quantity} labels {missing[:3]} are not in {self.options.labels_file}")
+            where = "marked unseen in" if any(x in self.unseen[quantity] for x in missing) else "not in"
+            raise ValueError(f"{quantity} labels {missing[:3]} are {where} {self.options.labels_file}")
         return torch.tensor([index[x] for x in labels], device=device)
 
     # --- evaluation -------------------------------------------------------------------------------
