@@ -68,9 +68,11 @@ BAD_FIELDS = {
              ("month", None), ("hour", 24), ("retrieval_role", 1)],
     "contextual": [("target", 1.5), ("target", True), ("target", "3"), ("static", "false"), ("static", 1),
                    ("static", None), ("description", 5), ("description", ["the red one"])],
+    "geo_time": [("gold_location_suggest", 5), ("gold_location_suggest", None), ("gold_time_suggest", ["1990"]),
+                 ("gold_time_suggest", " ")],  # 5 and the list were read as the labels "5" and "['1990']"
     "meme": [("caption", 5), ("caption", None), ("context", None), ("emotions", "happy"), ("emotions", [1])],  # already refused
 }
-TASK_OPTIONS = {"time": {"hidden": [16]}, "contextual": {"heads": 4, "ffn_dim": 32}, "meme": {"heads": 8}}
+TASK_OPTIONS = {"geo_time": {"stage": "quantity", "num_cls_tokens": 1}, "time": {"hidden": [16]}, "contextual": {"heads": 4, "ffn_dim": 32}, "meme": {"heads": 8}}
 
 
 def write_split(out: Path, task: str, good: int, bad: list[tuple[str, object]], seed: int = 0,

@@ -43,7 +43,7 @@ from training.export.graph import Graph, HeadExport, fixed_images
 from training.losses import gather_across_ranks, logit_scale, symmetric_infonce, text_id
 from training.backbone import Backbone
 from training.registry import register_task
-from training.tasks.base import Task, TaskOptions
+from training.tasks.base import Task, TaskOptions, require_str
 
 
 QUANTITIES = ("location", "time")
@@ -183,6 +183,7 @@ class GeoTimeTask(Task):
         self.train_labels = None if self.labels is None else {
             q: [x for x in self.labels[q] if options.train_on_unseen_candidates or x not in self.unseen[q]]
             for q in QUANTITIES}
+        self.train_label_sets = {q: set(labels) for q, labels in (self.train_labels or {}).items()}
         self.corpus_emb: torch.Tensor | None = None  # filled by prepare()
         self.candidate_emb: dict[str, torch.Tensor] = {}
 
@@ -193,20 +194,25 @@ class GeoTimeTask(Task):
                "image": (backbone.preprocess_train if train else backbone.preprocess_val)(sample["image"])}
         for q in QUANTITIES:
             field = self.fields[q]
-            value = meta.get(field)
-            if value is None or not str(value).strip():
-                raise ValueError(f"geo_time: sample {sample['__key__']!r} has no usable {field!r} label "
+            try:
+                label = require_str(meta, field).strip()
+            except ValueError as err:
+                raise ValueError(f"geo_time: sample {sample['__key__']!r} has no usable label: {err} "
                                  f"(tasks.options.{q}_field; the TARA converter skips such records by default "
-                                 "and counts them in summary.json)")
-            label = str(value).strip()
+                                 "and counts them in summary.json)") from None
+            if train and self.options.stage != "quantity" and self.train_labels is not None \
+                    and label not in self.train_label_sets[q]:  # the relevance loss needs it as a candidate
+                raise ValueError(f"geo_time: json.{field} {label!r} is not a training candidate of "
+                                 f"{self.options.labels_file} (tasks.options.labels_file)")
             out[f"{q}_label"] = label
             out[f"{q}_prompt"] = backbone.tokenizer([prompt_text(self.options.prompt, q, label)])[0]
         field = self.options.description_field
         if field and train:
-            if not str(meta.get(field, "")).strip():
-                raise ValueError(f"geo_time: sample {sample['__key__']!r} has no json field {field!r} "
-                                 "(tasks.options.description_field)")
-            out["description"] = str(meta[field])
+            try:
+                out["description"] = require_str(meta, field)
+            except ValueError as err:
+                raise ValueError(f"geo_time: sample {sample['__key__']!r}: {err} (tasks.options.description_field)") \
+                    from None
             out["description_tokens"] = backbone.tokenizer([out["description"]])[0]
         return out
 
