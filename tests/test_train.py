@@ -14,7 +14,9 @@ from conftest import ROOT, _records, _run, _train, _write_config, tiny_config
 
 def test_two_ranks_identical_weights_disjoint_samples(retrieval_shards, tmp_path):
     run = tmp_path / "run"
-    raw = tiny_config(retrieval_shards, run, run={"audit": True}, optim={"max_steps": 6, "micro_batch_size": 16})
+    # a time-based checkpoint after every step (1e-6 min): both ranks must agree each time, or the job hangs
+    raw = tiny_config(retrieval_shards, run, run={"audit": True}, optim={"max_steps": 6, "micro_batch_size": 16},
+                      schedule={"checkpoint_every_minutes": 1e-6})
     shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     proc = _train(_write_config(tmp_path, raw), ranks=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -34,6 +36,7 @@ def test_two_ranks_identical_weights_disjoint_samples(retrieval_shards, tmp_path
     assert "heads.retrieval.logit_scale" in final
     assert (run / "final" / "config.json").is_file() and (run / "curves.png").is_file()
     assert (run / "tensorboard").is_dir() and _records(run, "train")
+    assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step00000005", "step00000006"]
 
 
 def test_final_backbone_loads_in_open_clip(retrieval_shards, tmp_path):
@@ -290,3 +293,25 @@ def test_pruning_keeps_the_last_complete_checkpoints_and_foreign_folders(tmp_pat
     _prune(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
         "step00000001", "step00000004", "step00000006", "step00000008", "step_notes"]
+
+
+def test_time_based_checkpoints_follow_rank_zeros_clock():
+    from training.schedule import CheckpointTimer
+
+    now, asked = [0.0], []
+
+    def agree(flag: bool) -> bool:
+        asked.append(flag)
+        return flag
+
+    timer = CheckpointTimer(2.0, agree, clock=lambda: now[0])
+    now[0] = 119.0
+    assert not timer.due()
+    now[0] = 120.0
+    assert timer.due()
+    timer.saved()
+    now[0] = 200.0
+    assert not timer.due() and asked == [False, True, False]
+    assert CheckpointTimer(2.0, lambda flag: True, clock=lambda: 0.0).due()  # rank 0's answer wins
+    off = CheckpointTimer(0, agree, clock=lambda: 1e9)
+    assert not off.due() and len(asked) == 3  # off: no collective at all

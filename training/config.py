@@ -93,6 +93,7 @@ class DeepSpeedConfig(_Section):
 class ScheduleConfig(_Section):
     eval_every: int = Field(0, ge=0)  # optimizer steps between evaluations; 0: only before/after
     checkpoint_every: int = Field(0, ge=0)  # optimizer steps between checkpoints; 0: only the final one
+    checkpoint_every_minutes: float = Field(0, ge=0)  # wall-clock minutes between checkpoints too; 0: off
     keep_checkpoints: int = Field(2, ge=1)  # older checkpoints are deleted after a newer one is complete
     log_every: int = Field(10, ge=1)  # optimizer steps between log lines
 

@@ -143,3 +143,13 @@ def init_distributed() -> DistInfo:
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def rank0_decides(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (one broadcast; a world of one needs none)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+            or torch.distributed.get_world_size() == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    torch.distributed.broadcast(value, src=0)
+    return bool(value.item())

@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,13 @@ from training.config import Config, load_deepspeed_overrides
 from training import accelerator
 from training.data import device_image_norm, steps_per_epoch, to_device, train_loader
 from training.evaluation import HELD_OUT_SKIPS, evaluate_model, held_out_skips, load_weights
-from training.distributed import DistInfo, barrier, init_distributed
+from training.distributed import DistInfo, barrier, init_distributed, rank0_decides
 from training.logging_utils import RunLogger, plot_curves, setup_console_logging
 from training import wise_ft
 from training.model import build_model
 from training.params import freeze_first_blocks, param_groups
 from training.zero3 import promote_scalar_parameters, register_zero3_external_parameters, restore_scalar_shapes
-from training.schedule import lr_multiplier
+from training.schedule import CheckpointTimer, lr_multiplier
 
 log = logging.getLogger("multiclip.train")
 
@@ -139,6 +140,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     image_norm = device_image_norm(cfg, backbone)  # (mean, std) for uint8 batches, else None
     progress = _progress_bar(dist_info.is_main, cfg.optim.max_steps, step)
     tick, window_samples, reports = time.time(), 0, []
+    timer = CheckpointTimer(cfg.schedule.checkpoint_every_minutes, partial(rank0_decides, device=dist_info.device))
     while step < cfg.optim.max_steps:
         lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
         for micro in range(cfg.optim.grad_accum):
@@ -163,7 +165,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             tick, window_samples, reports = time.time(), 0, []
         if cfg.schedule.eval_every and step % cfg.schedule.eval_every == 0 and step < cfg.optim.max_steps:
             logger.log({"kind": "eval", "step": step, **evaluate()})
-        if cfg.schedule.checkpoint_every and step % cfg.schedule.checkpoint_every == 0:
+        if (cfg.schedule.checkpoint_every and step % cfg.schedule.checkpoint_every == 0) or timer.due():
+            timer.saved()
             ckpt.save_checkpoint(engine, ckpt_dir, step, {"step": step, "config": cfg.to_dict(),
                                                           "task_batches": taken, "layout": layout},
                                  dist_info, cfg.schedule.keep_checkpoints)
