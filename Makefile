@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # synthetic shards for every head -> one 2-rank DeepSpeed job training all five heads -> evaluation of the
-# saved weights -> ONNX export (parity-checked) -> torch-free batch inference -> one table per task
+# saved weights -> ONNX export (parity-checked) -> torch-free batch inference -> Grad-CAM overlays -> one table per task
 demo: $(STAMP)
 	@set -e; for spec in $(DEMO_DATA); do \
 	  task=$${spec%%:*}; sizes=$${spec#*:}; \
@@ -40,6 +40,7 @@ demo: $(STAMP)
 	  $(PY) launch/infer.py --model $(DEMO)/onnx --shards data/synth/$$task/val --tasks $$task \
 	    --out $(DEMO)/predictions/$$task; \
 	done
+	$(PY) launch/cam.py --checkpoint $(DEMO) --shards data/synth/retrieval/val --count 2 --out $(DEMO)/cam > /dev/null
 	$(PY) launch/report.py $(DEMO)
 
 test: $(STAMP)

@@ -4,6 +4,11 @@
     python launch/train.py --config configs/retrieval_tiny.yaml optim.max_steps=50
     deepspeed ... launch/train.py --config ... --resume      # continue from the last checkpoint
 
+Installed (``pip install .``), the same is the console script ``multiclip-train``: run plainly it is a
+world of one; under the deepspeed launcher give it the script's path, ``deepspeed --num_gpus 2
+$(which multiclip-train) --config retrieval_tiny``. ``--config`` takes a file or a shipped config's name
+(``retrieval_tiny``; rule: training/shipped.py).
+
 Trailing ``key.path=value`` arguments override the YAML. The config is validated completely
 before any process group, data loader or model is created.
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,7 +91,7 @@ def test_vit_heat_follows_the_named_object(vit_run):
     assert peak_on_named / (2 * scenes) >= 0.5, f"peak on the named object {peak_on_named}/{2 * scenes}"
 
 
-def test_cam_cli_writes_overlays_and_boxes(vit_run, tmp_path):
+def test_cam_cli_writes_overlays_and_boxes(vit_run, retrieval_shards, tmp_path):
     image, named = next(two_object_scenes(1, seed=3))
     image.save(tmp_path / "scene.png")
     texts = [text for text, _ in named]
@@ -109,6 +110,14 @@ def test_cam_cli_writes_overlays_and_boxes(vit_run, tmp_path):
     proc = _run([sys.executable, "launch/cam.py", "--checkpoint", str(vit_run), "--images", str(tmp_path / "none.png"),
                  "--texts", "x", "--out", str(out)])
     assert proc.returncode == 2 and "none.png" in proc.stderr
+    # --shards: the first samples of a shard set, each against every one of their captions
+    proc = _run([sys.executable, "launch/cam.py", "--checkpoint", str(vit_run), "--shards",
+                 str(retrieval_shards / "val"), "--count", "2", "--out", str(tmp_path / "from_shards")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    inputs = sorted((tmp_path / "from_shards" / "inputs").iterdir())
+    assert len(inputs) == 2 and len(rows) == 4 and {r["image"] for r in rows} == {str(p) for p in inputs}
+    assert all(Path(r["png"]).is_file() for r in rows)
 
 
 def test_resnet_cam_end_to_end(retrieval_shards, tmp_path):

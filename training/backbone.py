@@ -1,7 +1,8 @@
 """The shared open_clip backbone, built only through ``open_clip.create_model_and_transforms``.
 
 An open_clip model name with a pretrained tag, a name with a local checkpoint path, or a tiny JSON
-config from ``configs/models`` registered with open_clip's own ``add_model_config``.
+config from ``configs/models`` registered with open_clip's own ``add_model_config`` (the shipped copy when
+the working directory has none: :func:`training.shipped.resolve_model_config_dir`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import open_clip
 from torch import nn
 
 from training.config import ConfigError, ModelConfig
+from training.shipped import resolve_model_config_dir
 
 _registered_dirs: set[str] = set()
 
@@ -21,9 +23,10 @@ def register_model_configs(config_dir: str | Path) -> None:
     """Register every ``*.json`` in ``config_dir`` with open_clip (keyed by file stem).
 
     open_clip silently skips JSON files that lack its required keys, so we check that each one
-    really appears in ``open_clip.list_models()``.
+    really appears in ``open_clip.list_models()``. A relative ``config_dir`` missing from the working
+    directory is looked up in the package's own folder (the default ``configs/models``: the shipped JSONs).
     """
-    config_dir = Path(config_dir)
+    config_dir = resolve_model_config_dir(config_dir)
     if str(config_dir.resolve()) in _registered_dirs or not config_dir.is_dir():
         return
     open_clip.add_model_config(config_dir)
@@ -43,8 +46,11 @@ def check_model_config(cfg: ModelConfig) -> None:
     register_model_configs(cfg.model_config_dir)
     name = cfg.name
     if not name.startswith(("hf-hub:", "local-dir:")) and name not in open_clip.list_models():
+        config_dir = resolve_model_config_dir(cfg.model_config_dir)
+        where = config_dir if config_dir.is_dir() else \
+            f"{cfg.model_config_dir} (model.model_config_dir: no such directory)"
         raise ConfigError(f"model.name: unknown open_clip model {name!r} "
-                          f"(add a JSON to {cfg.model_config_dir} or use one of open_clip.list_models())")
+                          f"(add a JSON to {where} or use one of open_clip.list_models())")
     if cfg.pretrained is None or name.startswith(("hf-hub:", "local-dir:")):
         return
     if _looks_like_path(cfg.pretrained):

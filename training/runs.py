@@ -10,9 +10,7 @@ from training.evaluation import load_weights
 from training.backbone import Backbone
 from training.model import MultiTaskModel, build_model
 from training.registry import get_task_class
-
-
-ROOT = Path(__file__).resolve().parents[1]
+from training.shipped import resolve_model_config_dir
 
 
 def final_dir(run_dir: str | Path) -> Path:
@@ -30,9 +28,8 @@ def rebuild_config(raw: dict[str, Any], encoder_only: bool = False) -> dict[str,
     ``encoder_only`` each task's :attr:`~training.tasks.base.Task.encoder_only_options` applied."""
     raw = json.loads(json.dumps(raw))
     raw["model"] = {**raw["model"], "pretrained": None, "init_weights": None}
-    model_dir = Path(raw["model"].get("model_config_dir", "configs/models"))
-    if not model_dir.is_dir() and (ROOT / model_dir).is_dir():
-        raw["model"]["model_config_dir"] = str(ROOT / model_dir)
+    model_dir = resolve_model_config_dir(raw["model"].get("model_config_dir", "configs/models"))
+    raw["model"]["model_config_dir"] = str(model_dir)
     if encoder_only:
         for task in raw["tasks"]:
             task["options"] = {**task.get("options", {}), **get_task_class(task["name"]).encoder_only_options}

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from training.backbone import check_model_config
 from training.config import Config, ConfigError, format_validation_error, apply_overrides, load_deepspeed_overrides
 from training.registry import get_task_class, list_tasks
+from training.shipped import resolve_config_path
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
@@ -63,12 +64,13 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply ``key=value`` overrides, validate everything.
 
+    ``path``: a file, or the name of a shipped config (``retrieval_tiny``, ``configs/retrieval_tiny.yaml``
+    outside a checkout): see :func:`training.shipped.resolve_config_path`.
+
     Raises:
-        ConfigError: naming the file and every bad key at once.
+        ConfigError: naming the file and every bad key at once (or every path tried for a missing file).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    path = resolve_config_path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
