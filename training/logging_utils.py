@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,10 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def plot_curves(log_path: Path, out_png: Path) -> None:
-    """Loss per step and every held-out metric per evaluation, one panel each."""
+def plot_curves(log_path: Path, out_png: Path, metrics: list[str] | None = None) -> None:
+    """Loss per step and held-out metrics per evaluation, one panel each: ``metrics`` (the tasks' headline
+    metrics) or every metric, each with its trivial baseline (dashed) and chance (dotted) where reported.
+    Written to a temporary file and renamed, so a reader never sees half a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,8 +73,9 @@ def plot_curves(log_path: Path, out_png: Path) -> None:
     records = read_log(log_path)
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
-    metric_keys = sorted({k for r in evals for k, v in r.items()
-                          if isinstance(v, float) and "chance" not in k and k != "step"})
+    reported = {k for r in evals for k, v in r.items() if isinstance(v, float)}
+    metric_keys = [k for k in metrics if k in reported] if metrics else sorted(
+        k for k in reported if not k.endswith(("_chance", "_baseline")) and k != "step")
     panels = 1 + len(metric_keys)
     cols = min(4, panels)
     rows = (panels + cols - 1) // cols
@@ -79,14 +83,22 @@ def plot_curves(log_path: Path, out_png: Path) -> None:
     axes = axes.ravel()
     axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
     axes[0].set_title("train loss")
+    last = evals[-1] if evals else {}
     for ax, key in zip(axes[1:], metric_keys):
         pts = [(r["step"], r[key]) for r in evals if key in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
-        ax.set_title(f"val {key}")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="held-out")
+        for suffix, style in (("_baseline", "--"), ("_chance", ":")):
+            if isinstance(last.get(key + suffix), float):
+                ax.axhline(last[key + suffix], linestyle=style, color="grey", label=suffix[1:])
+        ax.set_title(key, fontsize=9)
     for ax in axes[panels:]:
         ax.axis("off")
     for ax in axes[:panels]:
         ax.set_xlabel("step")
+    if metric_keys:
+        axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=80)
+    partial = out_png.with_name(f".{out_png.name}.partial.png")
+    fig.savefig(partial, dpi=80)
     plt.close(fig)
+    os.replace(partial, out_png)

@@ -188,7 +188,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             result["wise_ft"] = wise_ft.evaluate_interpolations(cfg, initial_backbone, state)
             logger.log({"kind": "wise_ft", "step": step, **wise_ft.flatten(result["wise_ft"])})
         write_json(run_dir / "metrics.json", result)
-        plot_curves(logger.path, run_dir / "curves.png")
+        plot_curves(logger.path, run_dir / "curves.png",
+                    [f"{task}/{name}" for task, names in result["headline"].items() for name in names])
         log.info("after training: %s", json.dumps(final))
         log.info("skipped samples: %s", json.dumps(result["skipped_samples"]))
     if cfg.run.audit:
