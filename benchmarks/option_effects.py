@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     name, _, overrides = text.partition("=")
     if not name:
         raise argparse.ArgumentTypeError(f"variant {text!r}: expected name=override[,override...]")
-    return name, [o for o in overrides.split(",") if o]
+    return name, [o for o in re.split(r",(?=[\w.]+=)", overrides) if o]  # a comma inside a value stays
 
 
 def train(config: str, run_dir: Path, seed: int, overrides: list[str]) -> dict:
