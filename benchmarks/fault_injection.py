@@ -242,7 +242,8 @@ class Bench:
     def ray_stages(self, stages: list[str]) -> None:
         port, temp = free_port(), Path("/tmp") / f"ray_faults_{os.getpid()}"
         head = subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-                                 "--include-dashboard=false", "--num-cpus=2", f"--temp-dir={temp}",
+                                 "--include-dashboard=false", f"--dashboard-agent-listen-port={free_port()}",
+                                 "--num-cpus=2", f"--temp-dir={temp}",
                                  "--disable-usage-stats", "--block"],
                                 env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
                                 stdout=subprocess.DEVNULL,

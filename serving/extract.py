@@ -29,6 +29,7 @@ import importlib
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -472,7 +473,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     runtime_env = None if in_job else {"env_vars": {"PYTHONPATH": os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}}
     address = address or os.environ.get("RAY_ADDRESS")
-    if address and _is_loopback(address):  # a loopback cluster is only reached as a loopback node
+    if address and _loopback_only_cluster(address):  # such a cluster is only reached as a loopback node
         with _loopback_node():
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, _node_ip_address="127.0.0.1")
     elif address:
@@ -489,6 +490,23 @@ def _is_loopback(address: str) -> bool:
     driver whose own node IP is 127.0.0.1 (otherwise Ray looks for the GCS at the main interface)."""
     host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
     return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def _loopback_only_cluster(address: str) -> bool:
+    """Whether the cluster at a loopback ``address`` listens on loopback only (started in loopback mode, as
+    ``init_ray`` starts its own): then this driver must join as a loopback node. A cluster that also listens
+    on the main interface (a plain ``ray start``, whose raylet registers the main address) is joined as
+    usual; a probe of the GCS port on the main address tells the two apart."""
+    if not _is_loopback(address):
+        return False
+    from ray._private.services import get_node_ip_address
+
+    main, port = get_node_ip_address(), int(address.rsplit(":", 1)[1])
+    if main.startswith("127.") or main == "::1":
+        return True
+    with socket.socket(socket.AF_INET6 if ":" in main else socket.AF_INET) as probe:
+        probe.settimeout(2)
+        return probe.connect_ex((main, port)) != 0
 
 
 @contextlib.contextmanager

@@ -50,13 +50,15 @@ def _shard_with_bad_records(path: Path) -> None:
 
 @pytest.fixture
 def ray_cluster(tmp_path):
-    """A real local cluster on loopback (head node with dashboard / Jobs API), stopped afterwards."""
-    port, dash = _free_port(), _free_port()
+    """A real local cluster (head node with dashboard / Jobs API; node IP given as 127.0.0.1), stopped afterwards."""
+    port, dash, agent = _free_port(), _free_port(), _free_port()
     temp = Path("/tmp") / f"ray_{os.getpid()}_{port}"  # short: Ray's socket paths have a length limit
-    # on Linux Ray ignores --node-ip-address=127.0.0.1 unless its cluster mode is off (serving.extract does the same)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # a plain `ray start` as users run it: on Linux Ray still registers the main interface's address (and
+    # its Jobs API agent needs that); serving.extract joins it as usual, and its own local Ray on loopback only
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     start = [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dash}", "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}",
+             f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",  # not Ray's fixed 52365: another
+             "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp}",  # Ray here would hold it (no job agent)
              "--disable-usage-stats", "--block"]
     head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own process group: stopping it stops this cluster only
@@ -125,7 +127,7 @@ def test_job_extracts_resumes_and_matches_in_process(geo_run, ray_cluster, tmp_p
     run, shards = geo_run
     data = tmp_path / "data"
     shutil.copytree(shards / "val", data)
-    _shard_with_bad_records(data / "shard-bad.tar")
+    _shard_with_bad_records(data / "shard-000099.tar")  # unlisted in sizes.json: read (writer-named), with a warning
     out = tmp_path / "feats"
     command = f"{sys.executable} launch/extract.py --run {run} --shards {data} --out {out} --batch-size 32"
     status, logs = _submit_and_wait(ray_cluster["dashboard"], command)
