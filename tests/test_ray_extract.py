@@ -67,7 +67,7 @@ def ray_cluster(tmp_path):
         _wait_for_port(dash, head)  # the dashboard (Jobs API) comes up after the GCS
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
     finally:
-        _stop_own_cluster(head, temp)
+        _stop_own_cluster(head)
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -84,18 +84,28 @@ def _wait_for_port(port: int, head: subprocess.Popen, timeout: float = 120) -> N
     raise TimeoutError(f"the Ray head did not listen on {port} within {timeout} s")
 
 
-def _stop_own_cluster(head: subprocess.Popen, temp: Path) -> None:
-    """Stop the cluster this fixture started, and nothing else (never ``ray stop``, which stops every
-    Ray on the machine): the blocking ``ray start`` process group, then any process of its session."""
+def _stop_own_cluster(head: subprocess.Popen) -> None:
+    """Stop the cluster this fixture started, and nothing else (never ``ray stop`` or a kill by name): the
+    processes descended from its blocking ``ray start`` (GCS, raylet, dashboard, workers), listed before
+    the stop, then its process group; whatever of that list outlives a grace period is killed."""
     import signal
 
+    import psutil
+
+    try:
+        started = psutil.Process(head.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        started = []
     with contextlib.suppress(ProcessLookupError):
         os.killpg(head.pid, signal.SIGTERM)
     try:
         head.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
-    subprocess.run(["pkill", "-f", str(temp)], capture_output=True)  # raylet, GCS, workers: their args name it
+    _, alive = psutil.wait_procs(started, timeout=30)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):  # psutil refuses a pid another process has taken since
+            proc.kill()
 
 
 def _submit_and_wait(dashboard: str, entrypoint: str, timeout: float = 240) -> tuple[str, str]:
