@@ -38,6 +38,7 @@ class ModelConfig(_Section):
     pretrained: str | None = None  # open_clip tag (e.g. laion2b_s34b_b79k) or a local checkpoint path
     model_config_dir: str = "configs/models"  # JSON model configs registered with open_clip
     init_weights: str | None = None  # final/model.safetensors of an earlier run (backbone + heads) to start from
+    compile: bool = False  # torch.compile the towers (measured in docs/benchmarks.md before turning it on)
 
 
 class DataConfig(_Section):
@@ -67,6 +68,10 @@ class TaskConfig(_Section):
 class OptimConfig(_Section):
     micro_batch_size: int = Field(32, ge=1)  # samples per rank per forward
     grad_accum: int = Field(1, ge=1)  # micro batches per optimizer step
+    # gradients: DeepSpeed's accumulation (the contrastive batch stays micro batch x ranks); features: cache
+    # every micro batch's embeddings, take the loss over all of them, then recompute each micro batch with
+    # gradients (open_clip's --accum-freq, GradCache), so the negatives grow with grad_accum
+    accum_mode: Literal["gradients", "features"] = "gradients"
     max_steps: int = Field(100, ge=1)  # optimizer steps in the whole run
     lr_backbone: float = Field(1e-5, ge=0)  # learning rate of the open_clip backbone
     lr_head: float = Field(1e-3, ge=0)  # learning rate of the task heads
@@ -98,6 +103,13 @@ class ScheduleConfig(_Section):
     log_every: int = Field(10, ge=1)  # optimizer steps between log lines
 
 
+class LogConfig(_Section):
+    tensorboard: bool = True  # TensorBoard events under <run>/tensorboard
+    wandb: Literal["off", "online", "offline"] = "off"  # Weights & Biases, same metric names as TensorBoard
+    wandb_project: str = "multiclip"
+    wandb_dir: str | None = None  # where W&B writes its files (default: <run>/wandb)
+
+
 class EvalConfig(_Section):
     batch_size: int = Field(128, ge=1)
     max_samples: int | None = Field(None, ge=1)  # cap on held-out samples (None: all; rounded up to whole batches)
@@ -120,6 +132,7 @@ class Config(_Section):
     optim: OptimConfig = OptimConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    log: LogConfig = LogConfig()
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
