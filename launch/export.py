@@ -14,6 +14,7 @@ import logging
 import sys
 
 import training  # noqa: F401  (must come before open_clip: torchvision compatibility)
+from shards.progress import add_progress_argument, apply_progress_argument, logs_above_bars
 from training.config import ConfigError
 
 
@@ -29,17 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--int8", action="store_true",
                         help="also write int8 towers for CPU inference (dynamic quantisation, checked by cosine to fp32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (swapped in whole)")
+    add_progress_argument(parser)
     args = parser.parse_args(argv)
+    apply_progress_argument(args)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("multiclip").setLevel(logging.INFO)
-    from training.export.exporter import ParityError, export_pretrained, export_run
+    from training.export.exporter import ParityError
 
     try:
-        if args.model:
-            manifest = export_pretrained(args.model, args.pretrained, args.out, fp16=args.fp16, int8=args.int8,
-                                         model_config_dir=args.model_config_dir, overwrite=args.overwrite)
-        else:
-            manifest = export_run(args.checkpoint, args.out, fp16=args.fp16, int8=args.int8, overwrite=args.overwrite)
+        with logs_above_bars():
+            manifest = export(args)
     except (ConfigError, FileNotFoundError, FileExistsError) as err:
         print(f"export error: {err}", file=sys.stderr)
         return 2
@@ -49,6 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({name: {k: v for k, v in g.items() if k in ("file", "max_abs_diff_fp32", "fp16", "int8")}
                       for name, g in manifest["graphs"].items()}, indent=1))
     return 0
+
+
+def export(args: argparse.Namespace) -> dict:
+    """A run's export (--checkpoint) or a plain open_clip model's (--model); returns the manifest."""
+    from training.export.exporter import export_pretrained, export_run
+
+    if args.model:
+        return export_pretrained(args.model, args.pretrained, args.out, fp16=args.fp16, int8=args.int8,
+                                 model_config_dir=args.model_config_dir, overwrite=args.overwrite)
+    return export_run(args.checkpoint, args.out, fp16=args.fp16, int8=args.int8, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

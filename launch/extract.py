@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serving.extract import EncoderSpec, ExtractOptions, extract, init_ray  # noqa: E402
+from shards.progress import add_progress_argument, apply_progress_argument, logs_above_bars  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="threads per actor (torch's, or onnxruntime's intra-op threads)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--overwrite", action="store_true", help="replace outputs of another model")
+    add_progress_argument(parser)
     args = parser.parse_args(argv)
+    apply_progress_argument(args)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("multiclip").setLevel(logging.INFO)
     if (args.int8 or args.gpu) and not args.model:
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(args.address, args.num_cpus)
     options = ExtractOptions(actors=args.actors, actor_cpus=args.actor_cpus, threads=args.threads,
                              actor_gpus=1.0 if args.gpu else 0.0, batch_size=args.batch_size, overwrite=args.overwrite)
-    manifest = extract(args.shards, args.out, encoder, options)
+    with logs_above_bars():
+        manifest = extract(args.shards, args.out, encoder, options)
     summary = {k: manifest[k] for k in ("shards", "samples", "columns")}
     summary["skipped"] = {k: manifest["skipped"][k] for k in ("count", "by_reason")}
     print(json.dumps({**summary, "this_run": manifest["this_run"]}, indent=1))

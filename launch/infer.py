@@ -24,6 +24,7 @@ from serving.infer import ExportedModel, answer_queries, choose_predictors, coun
     read_lines, shard_items  # noqa: E402
 from serving.predictors import Settings, get_predictor, list_predictors  # noqa: E402
 from serving.runtime import ProviderError, RuntimeOptions  # noqa: E402
+from shards.progress import add_progress_argument, apply_progress_argument, logs_above_bars  # noqa: E402
 
 
 def positive_int(text: str) -> int:
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=positive_int, default=4, help="image decoding threads")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip checking the export's files against the manifest's sha256 (a warning says so)")
+    add_progress_argument(parser)
     for task in list_predictors():
         get_predictor(task).add_arguments(parser)
     return parser
@@ -93,26 +95,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    apply_progress_argument(args)
     settings = Settings(top_k=args.top_k, options=vars(args))
     try:
-        model = open_model(args)
-        if args.queries:
-            summary = answer_queries(model, read_lines(args.queries), args.out, args.tasks, settings)
-        else:
-            tasks = choose_predictors(model, args.tasks)
-            if args.images:
-                shards_only = [t for t in tasks if get_predictor(t).shards_only]
-                if shards_only:
-                    parser.error("; ".join(f"{t} reads {get_predictor(t).item} from --shards, not --images"
-                                           for t in shards_only))
-            items = shard_items(args.shards) if args.shards else folder_items(args.images)
-            total = count_items(args.shards, "shards") if args.shards else count_items(args.images, "images")
-            summary = infer(model, items, tasks, args.out, settings, args.batch_size, args.workers, total=total)
+        with logs_above_bars():
+            summary = run(parser, args, settings)
     except (FileNotFoundError, ValueError, KeyError, ProviderError) as err:
         print(f"infer error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
     return 0
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace, settings: Settings) -> dict:
+    """Image/shard inference or text queries, as the arguments ask; returns the summary."""
+    model = open_model(args)
+    if args.queries:
+        return answer_queries(model, read_lines(args.queries), args.out, args.tasks, settings)
+    tasks = choose_predictors(model, args.tasks)
+    if args.images:
+        shards_only = [t for t in tasks if get_predictor(t).shards_only]
+        if shards_only:
+            parser.error("; ".join(f"{t} reads {get_predictor(t).item} from --shards, not --images"
+                                   for t in shards_only))
+    items = shard_items(args.shards) if args.shards else folder_items(args.images)
+    total = count_items(args.shards, "shards") if args.shards else count_items(args.images, "images")
+    return infer(model, items, tasks, args.out, settings, args.batch_size, args.workers, total=total)
 
 
 if __name__ == "__main__":

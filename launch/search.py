@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from serving.extract import EncoderSpec, init_ray  # noqa: E402
 from serving.search import INDEX_KINDS, IndexOptions, SearchOptions, search_extraction  # noqa: E402
+from shards.progress import add_progress_argument, apply_progress_argument, logs_above_bars  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int)
     parser.add_argument("--actors", type=int)
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime / faiss threads per actor")
+    add_progress_argument(parser)
     args = parser.parse_args(argv)
+    apply_progress_argument(args)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("multiclip").setLevel(logging.INFO)
     encoder = EncoderSpec("onnx", args.model, int8=args.int8)
@@ -57,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     options = SearchOptions(k=args.k, actors=args.actors, threads=args.threads,
                             index=IndexOptions(kind=args.index, nprobe=args.nprobe, ef_search=args.ef_search))
     try:
-        manifest = search_extraction(args.queries, args.corpus, args.out, encoder,
-                                     args.columns, options, args.text_column, args.overwrite)
+        with logs_above_bars():
+            manifest = search_extraction(args.queries, args.corpus, args.out, encoder,
+                                         args.columns, options, args.text_column, args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

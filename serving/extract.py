@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 
 from shards.atomic import read_json, write_json
+from shards.progress import progress_bar
 
 LOGGER = logging.getLogger("multiclip.extract")
 MANIFEST = "manifest.json"
@@ -393,10 +394,11 @@ class ShardCollector:
     """Gathers embedded rows per shard and writes each shard's Parquet + marker once all rows arrived."""
 
     def __init__(self, out_dir: Path, total_shards: int, already_done: int, encoder: str = "",
-                 inputs: dict[str, dict[str, int]] | None = None):
+                 inputs: dict[str, dict[str, int]] | None = None, progress=None):
         """``encoder``: the encoder key each marker records; ``inputs``: each shard's identity taken before
-        it was read (a shard changed meanwhile then no longer matches, and is embedded again next time)."""
-        self.out_dir, self.encoder, self.inputs = out_dir, encoder, inputs or {}
+        it was read (a shard changed meanwhile then no longer matches, and is embedded again next time);
+        ``progress``: a bar (``shards.progress``) counting samples, embedded or skipped."""
+        self.out_dir, self.encoder, self.inputs, self.progress = out_dir, encoder, inputs or {}, progress
         (out_dir / PARTS).mkdir(parents=True, exist_ok=True)
         self.pending: dict[str, dict[str, Any]] = {}
         self.total_shards, self.done = total_shards, already_done
@@ -413,6 +415,7 @@ class ShardCollector:
             entry = self.pending.setdefault(str(url), {"parts": [], "rows": 0, "expected": None, "skipped": [],
                                                        "input": self.inputs.get(str(url))})
             valid = rows & batch["valid"].astype(bool)
+            self._advance(int(valid.sum()))
             if valid.any():
                 entry["parts"].append({k: v[valid] for k, v in batch.items() if k not in ROW_COLUMNS or k == "key"})
                 entry["rows"] += int(valid.sum())
@@ -441,9 +444,16 @@ class ShardCollector:
         self.done += 1
         self.embedded += entry["rows"]
         self.skipped += entry["skipped"]
+        self._advance(len(entry["skipped"]), shards=f"{self.done}/{self.total_shards}")
         rate = self.embedded / max(time.perf_counter() - self.start, 1e-9)
         LOGGER.info("[%d/%d shards] %s: %d embedded, %d skipped (%.1f images/s)", self.done, self.total_shards,
                     Path(url).name, entry["rows"], len(entry["skipped"]), rate)
+
+    def _advance(self, samples: int, **postfix: str) -> None:
+        if self.progress is not None:
+            self.progress.update(samples)
+            if postfix:
+                self.progress.set_postfix(postfix, refresh=False)
 
     def unfinished(self) -> list[str]:
         return sorted(self.pending)
@@ -579,6 +589,7 @@ def extract(shards: str | list[str], out_dir: str | Path, encoder: EncoderSpec,
     collector = ShardCollector(out_dir, len(urls), len(urls) - len(todo), key, {u: shard_identity(u) for u in todo})
     started = time.perf_counter()
     if todo:
+        driver_progress_only()
         ds = ray.data.from_items([{"shard": u} for u in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(preprocess_udf, batch_size=1,
                             fn_kwargs={"preprocess_cfg": encoder.preprocess_cfg(), "encoder": encoder},
@@ -587,13 +598,32 @@ def extract(shards: str | list[str], out_dir: str | Path, encoder: EncoderSpec,
                             fn_constructor_kwargs={"encoder": encoder, "threads": options.threads},
                             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=options.actor_cpus,
                             **({"num_gpus": options.actor_gpus} if options.actor_gpus else {}))
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            collector.add(batch)
+        with progress_bar(total=listed_samples(todo), desc="extract", unit="img") as bar:
+            collector.progress = bar
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                collector.add(batch)
         if collector.unfinished():
             raise RuntimeError(f"shards not completed: {collector.unfinished()}")
     elapsed = time.perf_counter() - started
     manifest = write_manifest(out_dir, urls, identity, encoder, options, actors, collector, elapsed)
     return manifest
+
+
+def listed_samples(urls: list[str]) -> int | None:
+    """Samples in the shards by their sizes.json (the progress bar's total); None when a shard is not listed."""
+    from shards.samples import ShardSizes
+
+    sizes = ShardSizes()
+    counts = [sizes.listed(u) for u in urls]
+    return None if None in counts else sum(counts)
+
+
+def driver_progress_only() -> None:
+    """Ray Data's own per-operator bars off: the driver draws one bar (``shards.progress``) from completed
+    batches, on a terminal only."""
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def write_manifest(out_dir: Path, urls: list[str], identity: dict[str, Any], encoder: EncoderSpec,

@@ -25,11 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from tqdm import tqdm
-
 from serving.items import Item, batched, count_items, folder_items, read_lines, shard_items  # noqa: F401  (the inputs, re-exported)
 from serving.model import ExportedModel, normalize, top_k  # noqa: F401  (re-exported for the jobs)
 from serving.predictors import Batch, Predictor, Settings, get_predictor, list_predictors
+from shards.progress import progress_bar
 
 LOG = logging.getLogger("multiclip.serving")
 __all__ = ["ExportedModel", "Item", "Settings", "answer_queries", "choose_predictors", "count_items", "folder_items",
@@ -75,7 +74,7 @@ def infer(model: ExportedModel, items: Iterable[Item], tasks: list[str] | None, 
             files = {t: opened.enter_context((stage / f"{t}.jsonl").open("w")) for t in tasks}
             errors = opened.enter_context((stage / "errors.jsonl").open("w"))
             pool = opened.enter_context(ThreadPoolExecutor(max(1, workers)))
-            bar = opened.enter_context(tqdm(total=total, unit="item", desc="infer"))
+            bar = opened.enter_context(progress_bar(total=total, unit="item", desc="infer"))  # terminal only
             for items_batch in batched(items, batch_size):
                 failed: dict[int, dict[str, Any]] = {}
                 for group in groups:

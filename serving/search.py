@@ -35,9 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from serving.extract import MANIFEST, EncoderSpec, tensor_array, tensor_column
+from serving.extract import MANIFEST, EncoderSpec, driver_progress_only, tensor_array, tensor_column
 from shards.atomic import replacing_dir, save_npy, write_json
 from shards.corpus import read_corpus
+from shards.progress import progress_bar
 
 LOGGER = logging.getLogger("multiclip.search")
 RESULTS = "results"
@@ -348,15 +349,18 @@ def embed_corpus(encoder: EncoderSpec, texts: list[str], options: SearchOptions)
     import ray
 
     actors = options.actors or default_actors(options.actor_cpus)
+    driver_progress_only()  # before the dataset exists: it copies the context
     ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(texts)])
     ds = ds.map_batches(TextEmbedder, batch_size=options.text_batch_size, batch_format="numpy",
                         fn_constructor_kwargs={"encoder": encoder, "threads": options.threads},
                         compute=ray.data.ActorPoolStrategy(size=min(actors, max(1, len(texts) // 64) or 1)),
                         num_cpus=options.actor_cpus)
     ids, parts = [], []
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        ids.append(batch["id"])
-        parts.append(batch["embedding"])
+    with progress_bar(total=len(texts), desc="corpus", unit="text") as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            ids.append(batch["id"])
+            parts.append(batch["embedding"])
+            bar.update(len(batch["id"]))
     order = np.argsort(np.concatenate(ids), kind="stable")
     return np.concatenate(parts)[order].astype(np.float32)
 
@@ -438,11 +442,14 @@ def search_extraction(extraction: str | Path, corpus_path: str | Path, out_dir: 
     LOGGER.info("corpus: %d texts %s in %.1f s", len(texts), "reused" if reused else "embedded", embedded - started)
     index = build_index(corpus, options.index) if options.index.kind != "exact" else None
     parts = [str(extraction / p) for p in extracted["parts"]]
+    driver_progress_only()
     ds = ray.data.from_arrow(query_tables(parts, columns))
-    with replacing_dir(out_dir / RESULTS, RESULTS_MARKER, overwrite=True) as results:  # swapped in whole
+    with replacing_dir(out_dir / RESULTS, RESULTS_MARKER, overwrite=True) as results, \
+            progress_bar(total=extracted["samples"], desc="search", unit="sample") as bar:  # swapped in whole
         for i, batch in enumerate(search_dataset(ds, corpus, columns, options, index).iter_batches(
                 batch_size=None, batch_format="pyarrow")):
             pq.write_table(batch, results / f"part-{i:05d}.parquet")
+            bar.update(batch.num_rows)
         (results / RESULTS_MARKER).write_text("written by serving.search\n")
     seconds = time.perf_counter() - embedded
     queries = sum(int(np.prod(extracted["columns"][c][:-1] or [1])) for c in columns) * extracted["samples"]

@@ -87,7 +87,8 @@ def _wait_for_port(port: int, head: subprocess.Popen, timeout: float = 120) -> N
 def _stop_own_cluster(head: subprocess.Popen) -> None:
     """Stop the cluster this fixture started, and nothing else (never ``ray stop`` or a kill by name): the
     processes descended from its blocking ``ray start`` (GCS, raylet, dashboard, workers), listed before
-    the stop, then its process group; whatever of that list outlives a grace period is killed."""
+    the stop: the ``ray start`` process, then its process group; whatever of that list outlives a grace
+    period is killed."""
     import signal
 
     import psutil
@@ -96,12 +97,15 @@ def _stop_own_cluster(head: subprocess.Popen) -> None:
         started = psutil.Process(head.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         started = []
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(head.pid, signal.SIGTERM)
+    # the blocking `ray start` first, alone: it drains its node through the GCS and stops its children
+    # (a SIGTERM to the whole group killed the GCS too, and the drain then waited 30 s for it)
+    head.terminate()
     try:
         head.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+        head.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(head.pid, signal.SIGTERM)
     _, alive = psutil.wait_procs(started, timeout=30)
     for proc in alive:
         with contextlib.suppress(psutil.Error):  # psutil refuses a pid another process has taken since

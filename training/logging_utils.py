@@ -1,4 +1,4 @@
-"""Rank-0 run logs: JSON lines, TensorBoard scalars, and a PNG of the curves at the end."""
+"""Rank-0 run logs: JSON lines, TensorBoard scalars, optional Weights & Biases, and a PNG of the curves at the end."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from training.config import ConfigError, LogConfig
+
 
 def setup_console_logging(is_main: bool) -> None:
     """INFO on rank 0, warnings only elsewhere, so two ranks do not print everything twice."""
@@ -16,17 +18,27 @@ def setup_console_logging(is_main: bool) -> None:
 
 
 class RunLogger:
-    """Writes ``log.jsonl`` and TensorBoard events under the run folder (only on rank 0)."""
+    """Writes ``log.jsonl`` and, as ``log`` asks, TensorBoard events and a Weights & Biases run (only on rank 0).
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    TensorBoard and W&B get the same scalars under the same names, ``{kind}/{key}`` at the record's ``step``
+    (``train/loss``, ``eval/retrieval_t2i_r1``); W&B also gets the run config, and is finished by :meth:`close`.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, log: LogConfig | None = None,
+                 run_config: dict[str, Any] | None = None):
+        log = LogConfig() if log is None else log
         self.enabled = enabled
         self.path = run_dir / "log.jsonl"
         self._tb = None
+        self._wandb = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             run_dir.mkdir(parents=True, exist_ok=True)
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            if log.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            if log.wandb != "off":
+                self._wandb = start_wandb(log, run_dir, run_config or {})
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -35,15 +47,54 @@ class RunLogger:
             f.write(json.dumps(record) + "\n")
             f.flush()
         step = record.get("step", 0)
-        kind = record.get("kind", "train")
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and key not in ("step",):
-                self._tb.add_scalar(f"{kind}/{key}", value, step)
-        self._tb.flush()
+        scalars = scalar_metrics(record)
+        if self._tb is not None:
+            for name, value in scalars.items():
+                self._tb.add_scalar(name, value, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def scalar_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a log record as ``{kind}/{key}``: the names TensorBoard and W&B both show."""
+    kind = record.get("kind", "train")
+    return {f"{kind}/{key}": value for key, value in record.items()
+            if isinstance(value, (int, float)) and key != "step"}
+
+
+def import_wandb(log: LogConfig) -> Any:
+    """The wandb module; a ConfigError saying how to install it when ``log.wandb`` asks for it and it is missing."""
+    try:
+        import wandb
+    except ImportError as err:
+        raise ConfigError(f"log.wandb: {log.wandb!r} needs the wandb package, which is not installed ({err}); "
+                          "install it with `pip install wandb` (or the project's extra: `pip install '.[wandb]'`), "
+                          "or set log.wandb=off") from None
+    return wandb
+
+
+def check_log_backends(log: LogConfig) -> None:
+    """Fail at start, before any model is built, when the config asks for a logger that cannot run."""
+    if log.wandb != "off":
+        import_wandb(log)
+
+
+def start_wandb(log: LogConfig, run_dir: Path, run_config: dict[str, Any]) -> Any:
+    """A W&B run named after the run folder, with the run config; files under ``log.wandb_dir`` (default
+    ``<run>/wandb``). ``offline`` needs no network: ``wandb sync <dir>/wandb/offline-run-*`` uploads it later."""
+    wandb = import_wandb(log)
+    directory = Path(log.wandb_dir) if log.wandb_dir else run_dir / "wandb"
+    directory.mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=log.wandb_project, name=run_dir.name, dir=str(directory), mode=log.wandb,
+                      config=run_config)
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

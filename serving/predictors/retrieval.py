@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from shards.progress import progress_bar
 
 from serving.items import read_lines
 from serving.model import ExportedModel, normalize, top_k
@@ -68,7 +68,7 @@ class RetrievalPredictor(Predictor):
                                     f"image run with the {cls.task} task)")
         emb, keys = np.load(gallery / "embeddings.npy"), json.loads((gallery / "keys.json").read_text())
         with (out_dir / f"{cls.task}.jsonl").open("w") as f:
-            for start in tqdm(range(0, len(queries), batch_size), unit="batch", desc="queries"):
+            for start in progress_bar(range(0, len(queries), batch_size), unit="batch", desc="queries"):
                 chunk = queries[start:start + batch_size]
                 scores = model.text_embeddings(chunk) @ emb.T
                 for query, row, s in zip(chunk, top_k(scores, settings.top_k), scores):

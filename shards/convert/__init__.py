@@ -8,6 +8,9 @@
     python -m shards.convert imagecode --descriptions FILE --images DIR --out DIR
     python -m shards.convert meme --annotations FILE --emotions FILE --images DIR --out DIR
 
+Every subcommand also takes ``--progress`` / ``--no-progress`` (default: a bar only when stderr is a
+terminal, see ``shards.progress``).
+
 Images keep their original bytes and extension (``jpeg`` becomes ``jpg``); unusable records are counted
 by reason in ``summary.json`` next to the shards. Each format is one module of this package that
 registers a :class:`Converter` under its subcommand name:
@@ -28,9 +31,12 @@ import json
 import logging
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from shards.plugins import load_plugins
+from shards.progress import add_progress_argument, apply_progress_argument, logs_above_bars, progress_bar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
 
 
+def with_progress(records: Iterable[T], total: int | None = None, unit: str = "record") -> Iterator[T]:
+    """A converter's records, counted on a progress bar (shards.progress: only on a terminal)."""
+    return iter(progress_bar(records, total=total, desc="convert", unit=unit))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shards.convert", description="Convert datasets to shards.")
     formats = parser.add_subparsers(dest="format", required=True)
@@ -117,11 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub = formats.add_parser(name, help=converter.help)
         converter.add_arguments(sub)
         add_common_arguments(sub)
+        add_progress_argument(sub)  # the CLI's own: main() takes it out before calling the converter
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = vars(build_parser().parse_args(argv))
+    apply_progress_argument(args)
     converter = get_converter(args.pop("format"))
     summary = converter.convert(**args)
     print(json.dumps(summary))
@@ -131,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def cli() -> None:
     """``python -m shards.convert``: warnings of skipped records on stderr, the summary on stdout."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    main()
+    with logs_above_bars():
+        main()
 
 
 __all__ = [
@@ -143,4 +157,5 @@ __all__ = [
     "list_converters",
     "main",
     "register_converter",
+    "with_progress",
 ]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from shards.convert import Converter, register_converter
+from shards.convert import Converter, register_converter, with_progress
 from shards.jsonl import json_lines
 from shards.records import (SkipRecord, SourceRecord, add_allow_outside_argument, confined_path, is_utf8,
                             read_metadata, write_records)
@@ -98,8 +98,8 @@ def convert_captions(
         raise FileNotFoundError(f"caption file {file} does not exist")
     root = Path(images_root) if images_root is not None else file.parent
     columns = CaptionColumns(image_column, caption_column, label_column)
-    return write_records(caption_file_records(file, root, columns, allow_outside_images), Path(out), shard_size,
-                         overwrite)
+    sources = with_progress(caption_file_records(file, root, columns, allow_outside_images))
+    return write_records(sources, Path(out), shard_size, overwrite)
 
 
 def add_captions_arguments(parser: argparse.ArgumentParser) -> None:

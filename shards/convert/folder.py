@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Iterator
 
-from shards.convert import Converter, register_converter
+from shards.convert import Converter, register_converter, with_progress
 from shards.records import (EXTENSION_ALIASES, SkipRecord, SourceRecord, add_allow_outside_argument, image_record,
                             write_records)
 
@@ -45,8 +45,8 @@ def convert_folder(
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} is not a directory")
-    return write_records(class_folder_records(root, caption_template, allow_outside_images), Path(out), shard_size,
-                         overwrite)
+    sources = with_progress(class_folder_records(root, caption_template, allow_outside_images))
+    return write_records(sources, Path(out), shard_size, overwrite)
 
 
 def add_folder_arguments(parser: argparse.ArgumentParser) -> None:

@@ -31,7 +31,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from shards.convert import Converter, register_converter
+from shards.convert import Converter, register_converter, with_progress
 from shards.records import (SUMMARY_FILE, SkipRecord, Summary, add_allow_outside_argument, confined_path,
                             image_extension, is_utf8, read_metadata, read_verified_image)
 from shards.writer import ShardSetWriter
@@ -167,7 +167,7 @@ def convert_imagecode(
                          f"got a {type(sets).__name__}")
     summary = ImageCoDeSummary()
     with ShardSetWriter(out, shard_size, overwrite=overwrite) as writer:
-        for set_name, entries in sets.items():
+        for set_name, entries in with_progress(sets.items(), total=len(sets), unit="set"):
             convert_set(writer, summary, images, set_name, entries, allow_outside_images)
     result = summary.as_dict()
     (out / SUMMARY_FILE).write_text(json.dumps(result, indent=2) + "\n")

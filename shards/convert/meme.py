@@ -33,7 +33,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from shards.convert import Converter, register_converter
+from shards.convert import Converter, register_converter, with_progress
 from shards.members import IMAGE_MEMBERS
 from shards.records import (SkipRecord, SourceRecord, add_allow_outside_argument, image_record, is_utf8,
                             read_metadata, write_records)
@@ -178,8 +178,8 @@ def convert_meme(
             raise FileNotFoundError(f"{what} file {path} does not exist")
     if not images.is_dir():
         raise FileNotFoundError(f"images directory {images} is not a directory")
-    return write_records(meme_records(annotations, emotions, images, allow_outside_images), Path(out), shard_size,
-                         overwrite)
+    sources = with_progress(meme_records(annotations, emotions, images, allow_outside_images))
+    return write_records(sources, Path(out), shard_size, overwrite)
 
 
 def add_meme_arguments(parser: argparse.ArgumentParser) -> None:

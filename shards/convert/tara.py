@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import unquote, urlsplit
 
-from shards.convert import Converter, register_converter
+from shards.convert import Converter, register_converter, with_progress
 from shards.jsonl import json_lines
 from shards.records import (SUMMARY_FILE, SkipRecord, SourceRecord, add_allow_outside_argument, image_record,
                             is_utf8, read_metadata, write_records)
@@ -265,8 +265,8 @@ def convert_tara(
         raise FileNotFoundError(f"images directory {images} is not a directory")
     if label_fields not in LABEL_FIELDS:
         raise ValueError(f"label_fields must be one of {sorted(LABEL_FIELDS)}, got {label_fields!r}")
-    summary = write_records(tara_records(records, images, label_fields, allow_outside_images), out, shard_size,
-                            overwrite)
+    sources = with_progress(tara_records(records, images, label_fields, allow_outside_images))
+    summary = write_records(sources, out, shard_size, overwrite)
     labels, unusable = written_labels(out, label_fields)
     (out / LABELS_FILE).write_text(json.dumps(labels, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     summary = {**summary, "label_fields": label_fields, "unusable_labels": unusable}

@@ -41,7 +41,7 @@ from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from shards.convert import Converter, register_converter
+from shards.convert import Converter, register_converter, with_progress
 from shards.jsonl import json_lines
 from shards.records import (SkipRecord, SourceRecord, add_allow_outside_argument, image_record, is_utf8,
                             read_metadata, write_records)
@@ -162,8 +162,8 @@ def convert_toc(
             raise FileNotFoundError(f"{what} file {path} does not exist")
     if not images.is_dir():
         raise FileNotFoundError(f"images directory {images} is not a directory")
-    return write_records(toc_records(metadata, images, queries, allow_outside_images), Path(out), shard_size,
-                         overwrite)
+    sources = with_progress(toc_records(metadata, images, queries, allow_outside_images))
+    return write_records(sources, Path(out), shard_size, overwrite)
 
 
 def add_toc_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,7 +1,7 @@
 """Synthetic shard sets for smoke tests and compositional-generalisation checks, byte-identical per seed.
 
     python -m shards.synth --out DIR --task TASK [--train 4000] [--val 500] [--seed 0]
-                           [--shard-size 500] [--image-size 64] [--overwrite]
+                           [--shard-size 500] [--image-size 64] [--overwrite] [--progress | --no-progress]
 
 Each task's generator is one module of this package (``retrieval``, ``time_of_day``, ``geo_time``,
 ``contextual``, ``meme``) that registers a :class:`SynthTask` under the task's name:
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shards.plugins import load_plugins
+from shards.progress import add_progress_argument, apply_progress_argument, progress_bar
 from shards.synth.scenes import COLOURS, GRID_CELLS, POSITIONS, SHAPES, SceneObject, draw_scene
 from shards.writer import ShardSetWriter
 
@@ -119,7 +120,7 @@ def write_split(
     """Write one split's shards; returns its sizes.json content."""
     make_sample = get_synth(task).make_sample
     with ShardSetWriter(out_dir, shard_size, overwrite=overwrite) as writer:
-        for index in range(count):
+        for index in progress_bar(range(count), desc=f"synth {task}/{split}", unit="sample"):
             images, fields = make_sample(sample_rng(task, seed, split, index), split, image_size, task_meta)
             source = f"synth/{task}/seed{seed}/{split}/{index:07d}"
             meta = {"task": task, "caption": fields.pop("caption"), "label": fields.pop("label"), "source": source}
@@ -166,11 +167,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shard-size", type=int, default=500, help="samples per shard")
     parser.add_argument("--image-size", type=int, default=64, help="square image side in pixels")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in the output dirs")
+    add_progress_argument(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    apply_progress_argument(args)
     meta = generate(
         args.out, task=args.task, n_train=args.train, n_val=args.val, seed=args.seed,
         shard_size=args.shard_size, image_size=args.image_size, overwrite=args.overwrite,

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from shards.atomic import file_sha256 as sha256, replacing_dir
+from shards.progress import progress_bar
 from training.config import ConfigError
 from training.export.graph import FIXED_TEXTS, Graph, HeadExport, ImageEncoder, TextEncoder, fixed_images, image_size
 from training.backbone import Backbone
@@ -316,13 +317,19 @@ def _write_export(model: MultiTaskModel, backbone: Backbone, out: Path, fp16: bo
         "graphs": {}, "tasks": {}, "files": {},
     }
     fp16_only = ("fp16",) if fp16 else ()
-    for graph in backbone_graphs(backbone):
-        manifest["graphs"][graph.name] = export_graph(graph, out, fp16_only + (("int8",) if int8 else ()))
+    towers = backbone_graphs(backbone)
     features = ImageEncoder(backbone.model)(fixed_images(backbone)).detach()
-    for task in tasks:
-        head: HeadExport = model.heads[task].export_onnx(backbone, features)
-        for graph in head.graphs:
-            manifest["graphs"][graph.name] = export_graph(graph, out, fp16_only)
+    heads: dict[str, HeadExport] = {task: model.heads[task].export_onnx(backbone, features) for task in tasks}
+    with progress_bar(total=len(towers) + sum(len(h.graphs) for h in heads.values()), desc="export",
+                      unit="graph") as bar:  # one step per graph: export + parity check (+ fp16/int8 copies)
+        for graph in towers:
+            manifest["graphs"][graph.name] = export_graph(graph, out, fp16_only + (("int8",) if int8 else ()))
+            bar.update(1)
+        for head in heads.values():
+            for graph in head.graphs:
+                manifest["graphs"][graph.name] = export_graph(graph, out, fp16_only)
+                bar.update(1)
+    for task, head in heads.items():
         for name, array in head.arrays.items():
             np.save(out / f"{name}.npy", array)  # inside the temporary folder: swapped in whole
             manifest["files"][f"{name}.npy"] = sha256(out / f"{name}.npy")
