@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from training.backbone import check_model_config
 from training.config import Config, ConfigError, format_validation_error, apply_overrides, load_deepspeed_overrides
+from training.feature_cache import config_problems as feature_cache_problems
 from training.registry import get_task_class, list_tasks
 from training.shipped import resolve_config_path
 
@@ -49,6 +50,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
             if reason:
                 problems.append(f"  - deepspeed.zero_stage: {task.name} {reason}, which ZeRO-3 does not gather; "
                                 "use stage 0-2")
+    problems += [f"  - optim.accum_mode: {problem}" for problem in feature_cache_problems(cfg)]
     if cfg.deepspeed.config_file and not Path(cfg.deepspeed.config_file).is_file():
         problems.append(f"  - deepspeed.config_file: no such file {cfg.deepspeed.config_file!r}")
     elif cfg.deepspeed.config_file:

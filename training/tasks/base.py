@@ -14,6 +14,8 @@ from torch import nn
 
 from training.backbone import Backbone, SampleContext
 
+CACHE_KEY = "feature_cache"  # a micro batch's (step cache, index) under accum_mode: features (training.feature_cache)
+
 if TYPE_CHECKING:
     from training.export.graph import HeadExport
 
@@ -110,7 +112,14 @@ class Task(nn.Module):
         self.options = options
 
     def forward(self, backbone: nn.Module, batch: dict[str, Any]):
-        """Calling the task module (not ``training_forward`` directly) lets ZeRO-3 gather its parameters."""
+        """Calling the task module (not ``training_forward`` directly) lets ZeRO-3 gather its parameters.
+
+        A micro batch of ``accum_mode: features`` carries its step's cache: it is recomputed with gradients
+        against the whole step's loss (:mod:`training.feature_cache`)."""
+        cached = batch.get(CACHE_KEY)
+        if cached is not None:
+            step, micro = cached
+            return step.recompute(self, backbone, batch, micro)
         return self.training_forward(backbone, batch)
 
     @torch.no_grad()
@@ -125,6 +134,25 @@ class Task(nn.Module):
     def training_forward(self, backbone: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Return ``({"<name>_loss": tensor, ...}, {metric: float})`` for one batch."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ optional: feature-caching accumulation
+    # A task whose loss couples the samples of a batch only through per-sample features (contrastive losses)
+    # can split ``training_forward`` into these two; ``optim.accum_mode: features`` needs both (checked at
+    # config validation). ``training_forward(b, batch)`` must equal ``features_loss(training_features(b, batch))``.
+
+    def training_features(self, backbone: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Per-sample tensors of one micro batch (batch dimension first); floating ones receive gradients,
+        others (ids) ride along. Called twice per step (without, then with gradients): same RNG state both times."""
+        raise NotImplementedError(f"task {self.name!r} does not support accum_mode: features")
+
+    def features_loss(self, features: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``training_forward``'s ``(losses, report)`` from the features of one or several micro batches,
+        concatenated (cross-rank gathers happen here, as in ``training_forward``)."""
+        raise NotImplementedError(f"task {self.name!r} does not support accum_mode: features")
+
+    @classmethod
+    def supports_feature_cache(cls) -> bool:
+        return cls.training_features is not Task.training_features and cls.features_loss is not Task.features_loss
 
     @torch.no_grad()
     def evaluate(self, backbone: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:

@@ -3,7 +3,9 @@
 Head: the backbone's own projections plus a learnable logit scale. Loss (``options.loss``): symmetric
 InfoNCE where every pair with the same caption is a positive (multi-positive), gathered across ranks; or
 SigLIP's sigmoid loss (one binary decision per pair, with a learnable logit bias), where each rank scores
-its own images against every rank's texts, positives again the pairs with the same caption.
+its own images against every rank's texts, positives again the pairs with the same caption. Both losses
+split into ``training_features`` + ``features_loss``, so ``optim.accum_mode: features`` can take them over a
+step's whole accumulated batch (training/feature_cache.py).
 Metrics: image->text / text->image R@1/5/10, zero-shot top-1/top-5 from class prompts, and the
 original work's candidate-batch precision/recall/F1 (cosine similarity, threshold): ``candidate_precision``
 / ``_recall`` / ``_f1`` are the original's figures (per batch, the mean over the "relevant" and "not relevant"
@@ -87,8 +89,15 @@ class RetrievalTask(Task):
         return F.normalize(out["image_features"], dim=-1), F.normalize(out["text_features"], dim=-1)
 
     def training_forward(self, backbone, batch):
+        return self.features_loss(self.training_features(backbone, batch))
+
+    def training_features(self, backbone, batch):
+        """Normalised image and text features plus caption ids (positives: equal ids) of one micro batch."""
         image, text = self._encode(backbone, batch)
-        ids = torch.as_tensor(batch["caption_id"], device=image.device)
+        return {"image": image, "text": text, "caption_id": torch.as_tensor(batch["caption_id"], device=image.device)}
+
+    def features_loss(self, features):
+        image, text, ids = features["image"], features["text"], features["caption_id"]
         if self.options.loss == "siglip":
             return self._siglip_forward(image, text, ids)
         if self.options.gather_across_ranks:
