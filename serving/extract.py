@@ -575,9 +575,13 @@ def extract(shards: str | list[str], out_dir: str | Path, encoder: EncoderSpec,
     """
     import ray
 
-    from shards.samples import expand_urls
+    from shards.samples import expand_urls, is_pipe, is_url
 
     out_dir = Path(out_dir)
+    remote = [u for u in expand_urls(shards) if is_url(u) or is_pipe(u)]
+    if remote:  # resume decisions rest on each shard's size and mtime, which only a local file has here
+        raise ValueError(f"{remote[0]}: the Ray extraction reads local shard files only (it resumes by each "
+                         "shard's size and mtime); copy the shards first, e.g. with fsspec or `aws s3 sync`")
     urls = [str(Path(u).resolve()) for u in expand_urls(shards)]
     identity = encoder.describe()
     claim_output(out_dir, identity, options.overwrite)

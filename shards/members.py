@@ -44,6 +44,24 @@ def frames(members: Mapping[str, V]) -> list[V]:
     return out
 
 
+def txt_caption(members: Mapping[str, Any]) -> str | None:
+    """The ``txt`` member as a caption (img2dataset and open_clip shards keep the caption there), without
+    surrounding blanks; None when there is none or it is blank. UnicodeDecodeError when it is not UTF-8."""
+    data = members.get(CAPTION_MEMBER)
+    if data is None:
+        return None
+    text = (data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else str(data)).strip()
+    return text or None
+
+
+def with_txt_caption(meta: dict[str, Any], members: Mapping[str, Any]) -> dict[str, Any]:
+    """``meta`` with ``caption`` taken from the ``txt`` member when the json has none (a json caption wins)."""
+    if CAPTION_FIELD in meta:
+        return meta
+    caption = txt_caption(members)
+    return meta if caption is None else {**meta, CAPTION_FIELD: caption}
+
+
 def is_image_file(name: str) -> bool:
     return any(name.lower().endswith(suffix) for suffix in IMAGE_FILE_SUFFIXES)
 
