@@ -3,6 +3,12 @@
     deepspeed --num_gpus 2 launch/train.py --config configs/retrieval_tiny.yaml
     python launch/train.py --config configs/retrieval_tiny.yaml optim.max_steps=50
     deepspeed ... launch/train.py --config ... --resume      # continue from the last checkpoint
+    python launch/train.py --config ... --resume             # ... on another number of ranks (ZeRO 0-2)
+    deepspeed ... launch/train.py --config ... run.output_dir=s3://bucket/runs/x   # an fsspec location
+
+``--resume`` on another world size converts a ZeRO-1/2 checkpoint to DeepSpeed's universal format and
+repositions the data streams by epoch fraction; an fsspec ``run.output_dir`` is written through a local
+staging folder and mirrored checkpoint by checkpoint (docs/checkpoints.md).
 
 Installed (``pip install .``), the same is the console script ``multiclip-train``: run plainly it is a
 world of one; under the deepspeed launcher give it the script's path, ``deepspeed --num_gpus 2

@@ -57,7 +57,8 @@ def stream_layout(config: dict[str, Any], world_size: int | None) -> dict[str, A
 def check_resumable(state: dict[str, Any], config: dict[str, Any], ckpt_dir: Path,
                     world_size: int | None = None) -> None:
     """Refuse to resume a checkpoint of another model or task set, or whose data stream or batch layout
-    changed (both values named), before DeepSpeed loads it."""
+    changed (both values named), before DeepSpeed loads it. Another world size alone is allowed (an
+    elastic resume, :mod:`training.elastic`) unless the ZeRO stage changed too."""
     saved = state["config"]
     where = f"--resume: checkpoint {ckpt_dir / state['tag']} was trained with"
     for section in ("model", "tasks"):
@@ -70,10 +71,24 @@ def check_resumable(state: dict[str, Any], config: dict[str, Any], ckpt_dir: Pat
     if "layout" not in state:  # a checkpoint from before the layout was recorded: nothing to compare
         return
     mine, theirs = stream_layout(config, world_size), state["layout"]
+    if world_size is not None and theirs.get("world_size") not in (None, world_size):
+        # an elastic resume (training/elastic.py): the streams are repositioned by rule, so the batch
+        # sizes may change with the world size (e.g. to keep the global batch)
+        mine, theirs = _without_batch_sizes(mine), _without_batch_sizes(theirs)
     changed = [f"{key}: {theirs.get(key)!r} -> {mine[key]!r}" for key in mine if theirs.get(key) != mine[key]]
     if changed:
         raise ConfigError(f"{where} another data stream or batch layout ({'; '.join(changed)}); the position it "
                           "resumes at would mean other samples. Resume with the same settings, or start a new run")
+    if world_size is not None:
+        from training.elastic import check_elastic
+
+        check_elastic(state, config, world_size)
+
+
+def _without_batch_sizes(layout: dict[str, Any]) -> dict[str, Any]:
+    """A stream layout less what an elastic resume may change: world size, micro batch sizes, grad_accum."""
+    tasks = {name: {k: v for k, v in t.items() if k != "micro_batch_size"} for name, t in layout["tasks"].items()}
+    return {**{k: v for k, v in layout.items() if k not in ("world_size", "grad_accum")}, "tasks": tasks}
 
 
 class RunLock:
@@ -104,8 +119,9 @@ class RunLock:
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, run_state: dict[str, Any], dist_info: DistInfo,
-                    keep: int) -> str:
-    """Save a DeepSpeed checkpoint on every rank (DeepSpeed requires it), then prune old ones."""
+                    keep: int, mirror=None) -> str:
+    """Save a DeepSpeed checkpoint on every rank (DeepSpeed requires it), then prune old ones; with a
+    :class:`~training.remote_runs.RunMirror` of an fsspec run, mirror the complete checkpoint there."""
     tag = f"step{step:08d}"
     if dist_info.is_main:
         (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
@@ -115,6 +131,8 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, run_state: dict[str, Any]
     barrier()
     if dist_info.is_main:
         _prune(ckpt_dir, keep)
+    if mirror is not None:
+        mirror.push_checkpoint(tag)
     return tag
 
 

@@ -31,6 +31,9 @@ class RunConfig(_Section):
     output_dir: str = "runs/default"  # run folder: checkpoints, logs, final weights
     seed: int = 0  # seeds model init, data order and sampling
     audit: bool = False  # each rank writes the sample keys it trained on and a weight fingerprint
+    # local folder a run with an fsspec URL as output_dir is written to before it is mirrored there
+    # (default: one per URL under the system's temporary folder); unused for a local output_dir
+    staging_dir: str | None = None
 
 
 class ModelConfig(_Section):

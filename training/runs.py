@@ -14,7 +14,12 @@ from training.shipped import resolve_model_config_dir
 
 
 def final_dir(run_dir: str | Path) -> Path:
-    """A run's ``final/`` folder (``run_dir`` may be it); FileNotFoundError if the run did not finish."""
+    """A run's ``final/`` folder (``run_dir`` may be it; an fsspec URL is downloaded once, see
+    :func:`training.remote_runs.fetch_final`); FileNotFoundError if the run did not finish."""
+    from training.remote_runs import fetch_final, is_url
+
+    if is_url(str(run_dir)):
+        return final_dir(fetch_final(str(run_dir)))
     path = Path(run_dir)
     final = path / "final" if (path / "final").is_dir() else path
     if not (final / "config.json").is_file() or not (final / "model.safetensors").is_file():

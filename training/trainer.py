@@ -23,15 +23,17 @@ import yaml
 from shards.atomic import write_json, write_text
 from shards.samples import read_skip_logs, summarize_skips
 from training import checkpoint as ckpt
+from training import feature_cache
 from training.config import Config, load_deepspeed_overrides
 from training import accelerator
 from training.data import device_image_norm, steps_per_epoch, to_device, train_loader
 from training.evaluation import HELD_OUT_SKIPS, evaluate_model, held_out_skips, load_weights
 from training.distributed import DistInfo, barrier, init_distributed, rank0_decides
-from training.logging_utils import RunLogger, plot_curves, setup_console_logging
-from training import wise_ft
+from training.logging_utils import RunLogger, check_log_backends, plot_curves, setup_console_logging
+from training import elastic, wise_ft
 from training.model import build_model
 from training.params import freeze_first_blocks, param_groups
+from training.remote_runs import RunMirror
 from training.zero3 import promote_scalar_parameters, register_zero3_external_parameters, restore_scalar_shapes
 from training.schedule import CheckpointTimer, lr_multiplier
 
@@ -69,11 +71,16 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     dist_info: DistInfo = init_distributed()
     setup_console_logging(dist_info.is_main)
-    run_dir, ckpt_dir = Path(cfg.run.output_dir), Path(cfg.run.output_dir) / "checkpoints"
+    check_log_backends(cfg.log)  # e.g. log.wandb without wandb installed: a ConfigError before any work
+    mirror = RunMirror.for_config(cfg, dist_info)  # an fsspec URL: a local staging folder, mirrored there
+    run_dir, ckpt_dir = mirror.local_dir, mirror.local_dir / "checkpoints"
     lock = ckpt.RunLock(run_dir) if dist_info.is_main else None  # one job per run folder
+    if resume:
+        mirror.pull_latest_checkpoint()
     run_state = ckpt.read_run_state(ckpt_dir) if resume else None
     if run_state is not None:
         ckpt.check_resumable(run_state, cfg.to_dict(), ckpt_dir, dist_info.world_size)
+    source = elastic.resume_source(run_state, ckpt_dir, dist_info) if run_state is not None else None
     if dist_info.is_main:
         write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     seed_everything(cfg.run.seed)
@@ -95,7 +102,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
         s, cfg.optim.warmup_steps, cfg.optim.max_steps, cfg.optim.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg))
+                                           config=elastic.with_universal_loading(deepspeed_config(cfg), source))
     if dist_info.world_size == 1 and cfg.deepspeed.zero_stage == 0:
         # no peers: skip the bucketed all-reduce of every gradient. Only without ZeRO, whose
         # optimizer moves gradients into its partitions during that same epilogue.
@@ -108,8 +115,9 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     step = 0
     if run_state is not None:
+        elastic.check_universal_loadable(engine.optimizer, source)
         with ckpt.weights_only_loading():  # a pickled payload in a checkpoint must not run
-            engine.load_checkpoint(str(ckpt_dir), tag=run_state["tag"])
+            engine.load_checkpoint(str(source.load_dir), tag=run_state["tag"])
         step = run_state["step"]
         log.info("resumed from %s at step %d", ckpt_dir / run_state["tag"], step)
     elif resume:
@@ -119,6 +127,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     task_names = list(model.heads)
     task_weights = [cfg.task(name).sampling_weight for name in task_names]
     taken = _task_batches(run_state, task_names, step * cfg.optim.grad_accum)
+    if source is not None and source.elastic:  # another world size: same epoch, same fraction of it
+        taken = elastic.reposition(taken, run_state["layout"], cfg, source)
     layout = ckpt.stream_layout(cfg.to_dict(), dist_info.world_size)
     streams = {name: _positioned_stream(cfg, model.heads[name], backbone, dist_info, run_dir, taken[name])
                for name in task_names}
@@ -126,7 +136,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     for head in model.heads.values():
         head.prepare(engine.module.backbone)
-    logger = RunLogger(run_dir, dist_info.is_main)
+    logger = RunLogger(run_dir, dist_info.is_main, cfg.log, cfg.to_dict())
     held_out_dir = run_dir / "skipped" / HELD_OUT_SKIPS  # one folder per task, one file per rank
 
     def evaluate() -> dict[str, Any]:
@@ -143,17 +153,20 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     timer = CheckpointTimer(cfg.schedule.checkpoint_every_minutes, partial(rank0_decides, device=dist_info.device))
     while step < cfg.optim.max_steps:
         lrs = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
-        for micro in range(cfg.optim.grad_accum):
+
+        def draw(micro: int, step: int = step) -> dict[str, Any]:
             name = _pick_task(cfg.run.seed, step, micro, task_names, task_weights)
             taken[name] += 1
             batch = to_device(next(streams[name]), dist_info.device, image_norm)
             if cfg.run.audit:
                 _audit_keys(run_dir, dist_info.rank, step, batch["key"])
-            loss, report = engine(batch)
-            engine.backward(loss)
-            engine.step()
+            return batch
+
+        # forward, engine.backward, engine.step per micro batch (accum_mode features: all embedded first)
+        for batch, loss, report in feature_cache.accumulate(engine, draw, cfg.optim.grad_accum, cfg.optim.accum_mode,
+                                                            dist_info.device):
             reports.append({"loss": loss.detach(), **report})  # tensors: no host sync per micro step
-            window_samples += cfg.micro_batch_size(name) * dist_info.world_size
+            window_samples += cfg.micro_batch_size(batch["task"]) * dist_info.world_size
         step += 1
         progress.update(1)
         if step % cfg.schedule.log_every == 0 or step == cfg.optim.max_steps:
@@ -169,14 +182,14 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
             timer.saved()
             ckpt.save_checkpoint(engine, ckpt_dir, step, {"step": step, "config": cfg.to_dict(),
                                                           "task_batches": taken, "layout": layout},
-                                 dist_info, cfg.schedule.keep_checkpoints)
+                                 dist_info, cfg.schedule.keep_checkpoints, mirror)
     progress.close()
 
     final = evaluate()
     logger.log({"kind": "eval", "step": step, **final})
     tag = ckpt.save_checkpoint(engine, ckpt_dir, step, {"step": step, "config": cfg.to_dict(),
                                                         "task_batches": taken, "layout": layout},
-                               dist_info, cfg.schedule.keep_checkpoints)
+                               dist_info, cfg.schedule.keep_checkpoints, mirror)
     result = {"step": step, "before": baseline, "after": final,
               "headline": {name: list(head.headline_metrics) for name, head in model.heads.items()},
               "skipped_samples": skipped_samples(run_dir / "skipped")}
@@ -195,6 +208,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     if cfg.run.audit:
         _audit_weights(run_dir, dist_info.rank, engine.module, cfg.deepspeed.zero_stage)
     logger.close()
+    mirror.push_outputs()
     barrier()
     if lock is not None:
         lock.release()
@@ -287,8 +301,9 @@ class _NoBar:
 
 
 def _progress_bar(enabled: bool, total: int, initial: int):
+    """Rank 0's bar, on a terminal only (shards.progress: MULTICLIP_PROGRESS overrides)."""
     if not enabled:
         return _NoBar()
-    from tqdm import tqdm
+    from shards.progress import progress_bar
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    return progress_bar(total=total, initial=initial, desc="train", unit="step")
