@@ -88,6 +88,39 @@ def test_knowledge_only_cities_are_held_out_only(tmp_path: Path) -> None:
     assert len(set(flags)) == 6 and len(set(cars)) == 10
 
 
+def test_borrowed_landmarks_recombine_cues_that_training_teaches() -> None:
+    """``borrowed_landmarks``: each knowledge-only city shows the landmark of a distinct common seen city of
+    another region (never a shape of its own country's seen cities), so its photo pairs cues that training
+    photos teach; training photos are byte-identical to the default world's; every city gets a signature
+    text naming its landmark and its flag, and the default world's corpus is unchanged."""
+    default, borrowed = describe_geo(0), describe_geo(0, borrowed_landmarks=True)
+    assert describe_geo(0, borrowed_landmarks=False) == default and "knowledge_signature" not in default
+    seen = {(city["landmark"], city["colour"]): (r, city["name"]) for r, region in enumerate(borrowed["regions"])
+            for country in region["countries"] for city in country["cities"] if not city.get("knowledge_only")}
+    lenders = []
+    for r, region in enumerate(borrowed["regions"]):
+        for country in region["countries"]:
+            *own, unseen = country["cities"]
+            lender_region, lender = seen[(unseen["landmark"], unseen["colour"])]
+            assert lender == unseen["landmark_of"] and lender_region != r and lender not in borrowed["rare_cities"]
+            assert unseen["landmark"] not in {city["landmark"] for city in own}
+            lenders.append(lender)
+    assert len(set(lenders)) == 6
+    assert [c["name"] for _, _, c in synth_geo.iter_locations(borrowed)] == \
+        [c["name"] for _, _, c in synth_geo.iter_locations(default)]
+    for i in range(40):
+        assert make_geo_sample(random.Random(f"b/{i}"), "train", 32, borrowed) == \
+            make_geo_sample(random.Random(f"b/{i}"), "train", 32, default)
+    texts = synth_geo.cue_texts(borrowed)
+    name = borrowed["unseen_cities"][0]
+    city = next(c for _, _, c in synth_geo.iter_locations(borrowed) if c["name"] == name)
+    assert texts[f"city:{name}"][-1].startswith(f"photos of {name} in ")
+    assert synth_geo.landmark_phrase(city["landmark"], city["colour"]) in texts[f"city:{name}"][-1]
+    assert texts[f"city:{city['landmark_of']}"][0].endswith(synth_geo.landmark_phrase(city["landmark"], city["colour"]))
+    assert all(len(v) == 4 for k, v in texts.items() if k.startswith("city:"))
+    assert all(len(v) == 3 for k, v in synth_geo.cue_texts(default).items() if k.startswith("city:"))
+
+
 def test_samples_are_deterministic_and_valid() -> None:
     meta = describe_geo(0)
     first, again = samples(meta, 200), samples(meta, 200)

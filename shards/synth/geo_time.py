@@ -22,6 +22,11 @@ prompt's own words ("a photo taken in City, Country, Region shows its tall red t
 from-scratch text tower of the world test its nearest label prompt is its own for 5 of the 6
 knowledge-only cities (the "City, Country, Region is known for ..." form: 3 of 6), at a margin of ~0.01
 cosine; it moved no measured top-1, as the photos' location tokens do not retrieve it.
+``describe_geo(seed, borrowed_landmarks=True)`` (off by default) makes the knowledge-only cities compositional:
+each shows the landmark of a common seen city of another region (``city["landmark_of"]``, like a replica of a
+famous tower abroad) under its own country's flag, and every city gains a signature text naming its landmark
+and its flag ("photos of City in Country show a wide red arch and a flag with ... stripes"); training photos
+are the default world's, byte for byte.
 Positions, sizes, clouds, trees and noise vary per sample. ``write_knowledge_corpus`` writes texts that
 describe these cues by name (the retrieval side of QR-CLIP) among many distractors that describe nothing
 in the images. Registers itself with ``shards.synth`` as "geo_time"; ``write_geo_extras`` writes the
@@ -239,8 +244,11 @@ def make_decades(rng: random.Random) -> list[dict[str, Any]]:
     return decades
 
 
-def describe_geo(seed: int) -> dict[str, Any]:
-    """The invented world for a seed: location and time hierarchies with each level's cue (JSON-ready)."""
+def describe_geo(seed: int, borrowed_landmarks: bool = False) -> dict[str, Any]:
+    """The invented world for a seed: location and time hierarchies with each level's cue (JSON-ready).
+
+    ``borrowed_landmarks``: each knowledge-only city shows the landmark of a seen city of another country
+    (see ``borrow_landmarks``), so its photo is a new combination of cues that training photos teach."""
     rng = random.Random(f"geo_time/world/{seed}")
     meta: dict[str, Any] = {
         "regions": make_regions(rng, set()),
@@ -251,6 +259,9 @@ def describe_geo(seed: int) -> dict[str, Any]:
     meta["rare_cities"] = [rng.choice(country["cities"])["name"] for region in meta["regions"]
                            for country in region["countries"]]
     meta["unseen_cities"] = add_unseen_cities(random.Random(f"geo_time/unseen/{seed}"), meta["regions"])
+    if borrowed_landmarks:
+        borrow_landmarks(random.Random(f"geo_time/borrowed/{seed}"), meta["regions"], set(meta["rare_cities"]))
+        meta["knowledge_signature"] = True
     meta["unseen_val_weight"] = UNSEEN_VAL_WEIGHT
     meta["classes"] = labels_of(meta)["location"]
     return meta
@@ -351,6 +362,42 @@ class Layout:
     trees: tuple[tuple[float, float, float, int], ...]
     style_strength: float
     noise_seed: int
+
+
+def borrow_landmarks(rng: random.Random, regions: list[dict[str, Any]], rare: set[str]) -> None:
+    """Give each knowledge-only city the landmark of a different common seen city of another region.
+
+    A real-world pattern (a replica of a famous tower in another country's city): the photo shows a
+    landmark that training photos teach, under its own country's flag and region's sky, a pair no
+    training photo shows. The lender's shape is one the borrowing country's seen cities lack.
+    """
+    seen = [(r, city) for r, region in enumerate(regions) for country in region["countries"]
+            for city in country["cities"] if not city.get("knowledge_only") and city["name"] not in rare]
+    borrowing = [(r, {city["landmark"] for city in country["cities"] if not city.get("knowledge_only")})
+                 for r, region in enumerate(regions) for country in region["countries"]]
+    for _ in range(1000):  # greedy draws until one gives every country a lender
+        lenders = pick_lenders(rng, seen, borrowing)
+        if lenders is not None:
+            break
+    else:
+        raise ValueError("borrowed_landmarks: found no lender city for every knowledge-only city")
+    borrowers = [city for region in regions for country in region["countries"] for city in country["cities"]
+                 if city.get("knowledge_only")]
+    for city, lender in zip(borrowers, lenders):
+        city.update(landmark=lender["landmark"], colour=lender["colour"], landmark_of=lender["name"])
+
+
+def pick_lenders(rng: random.Random, seen: list[tuple[int, dict]], borrowing: list[tuple[int, set[str]]]
+                 ) -> list[dict[str, Any]] | None:
+    """One distinct seen city per borrowing country, or None when a greedy draw gets stuck."""
+    lenders: list[dict[str, Any]] = []
+    for region, shapes in borrowing:
+        options = [city for r, city in seen if r != region and city["landmark"] not in shapes
+                   and all(city is not taken for taken in lenders)]
+        if not options:
+            return None
+        lenders.append(rng.choice(options))
+    return lenders
 
 
 def city_weight(city: dict[str, Any], task_meta: dict[str, Any], split: str) -> float:
@@ -726,6 +773,13 @@ def city_texts(city: str, country: str, shape: str, colour: str, region: str = "
     return texts
 
 
+def signature_text(city: dict[str, Any], country: dict[str, Any]) -> str:
+    """A city by both its own cues, landmark and country flag, in the words of the photo descriptions."""
+    flag = country["flag"]
+    return (f"photos of {city['name']} in {country['name']} show a {landmark_phrase(city['landmark'], city['colour'])}"
+            f" and a flag with {flag['orientation']} {colour_list(flag['colours'])} stripes")
+
+
 def country_texts(country: str, region: str, flag: dict[str, Any]) -> list[str]:
     colours = colour_list(flag["colours"])
     return [f"{country} flies a flag with {flag['orientation']} {colours} stripes",
@@ -769,6 +823,8 @@ def cue_texts(task_meta: dict[str, Any]) -> dict[str, list[str]]:
                 texts[f"city:{city['name']}"] = city_texts(city["name"], country["name"], city["landmark"],
                                                            city["colour"], region["name"],
                                                            task_meta.get("knowledge_prompt_form", False))
+                if task_meta.get("knowledge_signature"):
+                    texts[f"city:{city['name']}"].append(signature_text(city, country))
     for index, decade in enumerate(task_meta["decades"]):
         texts[f"decade:{decade['name']}"] = decade_texts(decade["name"], DECADE_STYLES[index].description,
                                                          DECADE_STYLES[index].name)
