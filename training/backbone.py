@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 import open_clip
+import torch
 from torch import nn
 
 from training.config import ConfigError, ModelConfig
@@ -102,3 +103,64 @@ def create_backbone(cfg: ModelConfig) -> Backbone:
     embed_dim = int(model.text_projection.shape[-1]) if hasattr(model, "text_projection") and \
         model.text_projection is not None else int(model.visual.output_dim)
     return Backbone(model, preprocess_train, preprocess_val, tokenizer, embed_dim)
+
+
+# --------------------------------------------------------------------------- model.compile
+
+
+def compile_targets(model: nn.Module) -> dict[str, nn.Module]:
+    """The towers' transformer trunks (where the FLOPs are), by their names in the model.
+
+    The trunks rather than whole towers, because some heads call a trunk directly (geo_time's extra
+    [CLS] tokens run ``visual.transformer``, meme's token states the text ``transformer``); a tower
+    without a trunk (a ResNet image tower, an HF text tower) is compiled whole.
+    """
+    found: dict[str, nn.Module] = {}
+    for tower_name in ("visual", "text"):
+        tower = getattr(model, tower_name, None)
+        if isinstance(tower, nn.Module):
+            trunk = getattr(tower, "transformer", None)
+            found[f"{tower_name}.transformer" if isinstance(trunk, nn.Module) else tower_name] = \
+                trunk if isinstance(trunk, nn.Module) else tower
+    if isinstance(getattr(model, "transformer", None), nn.Module):  # CLIP's built-in text trunk
+        found["transformer"] = model.transformer
+    return found
+
+
+def compile_towers(model: nn.Module, backend: str = "inductor") -> list[str]:
+    """``torch.compile`` each tower trunk's ``forward`` for training; returns the compiled names.
+
+    Only the bound ``forward`` is replaced (an instance attribute), so parameter and state-dict names,
+    DeepSpeed's wrapping and hooks on the trunk (bf16 autocast, ZeRO) are unchanged and run eagerly
+    around it. The compiled graph runs only in training mode with gradients on: evaluation, ``no_grad``
+    feature extraction and ONNX export (``torch.export`` traces eval-mode modules) take the eager
+    ``forward``, so they neither recompile for other shapes nor trace through dynamo.
+    :func:`uncompile_towers` puts the eager ``forward`` back.
+    """
+    names = []
+    for name, module in compile_targets(model).items():
+        if "forward" in vars(module):  # already compiled
+            continue
+        module.forward = _training_dispatch(module, module.forward, torch.compile(module.forward, backend=backend))
+        names.append(name)
+    return names
+
+
+def uncompile_towers(model: nn.Module) -> None:
+    """Undo :func:`compile_towers` (the class's eager ``forward`` again)."""
+    for module in compile_targets(model).values():
+        vars(module).pop("forward", None)
+
+
+def is_compiled(module: nn.Module) -> bool:
+    return getattr(vars(module).get("forward"), "compiled", None) is not None
+
+
+def _training_dispatch(module: nn.Module, eager: Callable, compiled: Callable) -> Callable:
+    def forward(*args, **kwargs):
+        if module.training and torch.is_grad_enabled() and not torch.compiler.is_exporting():
+            return compiled(*args, **kwargs)
+        return eager(*args, **kwargs)
+
+    forward.compiled = compiled  # type: ignore[attr-defined]
+    return forward

@@ -42,6 +42,7 @@ class ModelConfig(_Section):
     model_config_dir: str = "configs/models"  # JSON model configs registered with open_clip
     init_weights: str | None = None  # final/model.safetensors of an earlier run (backbone + heads) to start from
     compile: bool = False  # torch.compile the towers (measured in docs/benchmarks.md before turning it on)
+    compile_backend: str = "inductor"  # torch.compile backend; aot_eager traces without generating code
 
 
 class DataConfig(_Section):
