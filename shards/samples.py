@@ -43,7 +43,7 @@ INCOMPLETE_FILE = "INCOMPLETE"  # present while (or because) a split's writing d
 WRITER_SHARD_NAME = re.compile(r"^shard-\d{6,}\.tar$")  # shards.writer.SHARD_PATTERN's names
 STATS_SUFFIX = "_stats.json"  # img2dataset writes 00000_stats.json ({"successes": n, ...}) beside 00000.tar
 PIPE_PREFIX = "pipe:"  # webdataset's convention: the rest of the url is a shell command writing the tar to stdout
-_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+_URL_SCHEME = re.compile(r"^(?:[A-Za-z][A-Za-z0-9+.\-]*::)*[A-Za-z][A-Za-z0-9+.\-]*://")  # fsspec chains: a::b://
 HTTP_CONNECT_TIMEOUT_S = 30.0  # no answer to a connection attempt within this: an error naming the URL
 HTTP_READ_TIMEOUT_S = 120.0  # no byte of a shard for this long: an error naming the URL, never a hang
 PIPE_EXIT_TIMEOUT_S = 10.0  # a pipe command still running this long after its output was closed is killed
@@ -65,7 +65,8 @@ def is_pipe(url: str) -> bool:
 
 
 def is_url(url: str) -> bool:
-    """An fsspec URL (``scheme://...``: http, https, s3, gs, memory, file...), read through fsspec."""
+    """An fsspec URL (``scheme://...``: http, https, s3, gs, memory, file..., or a chained ``a::b://...``),
+    read through fsspec; anything else is a local path."""
     return bool(_URL_SCHEME.match(url))
 
 

@@ -275,3 +275,12 @@ def test_remote_folders_refuse_unfinished_sets_and_torn_indexes(http_base, memor
         expand_urls(f"{http_base}/torn/")
     with pytest.raises(FileNotFoundError, match="matches no file"):
         expand_urls(f"{memory_set}nothing-*.tar")
+
+
+def test_one_url_rule_for_shards_and_run_folders():
+    """shards and run folders (training.remote_runs, training.runs) share shards.samples.is_url: fsspec
+    URLs, chained ones too, are remote; local paths and pipe: commands are not."""
+    from shards.samples import is_url
+
+    assert all(map(is_url, ["s3://b/train/", "file:///data/x.tar", "simplecache::s3://b/x.tar"]))
+    assert not any(map(is_url, ["/data/train", "runs/x", "pipe:cat a.tar", "C::x"]))

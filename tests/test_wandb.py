@@ -17,7 +17,6 @@ import yaml
 
 from conftest import ROOT, _train, _write_config, tiny_config
 
-pytest.importorskip("wandb")  # an optional extra: these tests need it installed
 
 WANDB_CLI = str(Path(sys.executable).parent / "wandb")
 

@@ -29,6 +29,8 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
+
+from shards.samples import is_url
 from training.config import ConfigError
 from training.distributed import DistInfo, barrier
 
@@ -39,11 +41,6 @@ LATEST = "latest"
 RUN_STATE = "run_state.json"
 TAG = re.compile(r"step\d{8}")
 NOT_MIRRORED = {CHECKPOINTS, ".lock"}  # checkpoints go up tag by tag; the lock is this machine's
-
-
-def is_url(output_dir: str) -> bool:
-    """An fsspec URL (``proto://…``, or a chained ``a::b://…``) rather than a local path."""
-    return "://" in output_dir or "::" in output_dir
 
 
 def default_staging_dir(url: str) -> Path:

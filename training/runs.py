@@ -16,7 +16,8 @@ from training.shipped import resolve_model_config_dir
 def final_dir(run_dir: str | Path) -> Path:
     """A run's ``final/`` folder (``run_dir`` may be it; an fsspec URL is downloaded once, see
     :func:`training.remote_runs.fetch_final`); FileNotFoundError if the run did not finish."""
-    from training.remote_runs import fetch_final, is_url
+    from shards.samples import is_url
+    from training.remote_runs import fetch_final
 
     if is_url(str(run_dir)):
         return final_dir(fetch_final(str(run_dir)))

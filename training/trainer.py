@@ -294,16 +294,8 @@ def _train_record(step, epoch_steps, reports, samples, seconds, lrs) -> dict[str
             "samples_per_s": samples / max(seconds, 1e-9)}
 
 
-class _NoBar:
-    def update(self, n): ...
-    def set_postfix(self, **kw): ...
-    def close(self): ...
-
-
 def _progress_bar(enabled: bool, total: int, initial: int):
-    """Rank 0's bar, on a terminal only (shards.progress: MULTICLIP_PROGRESS overrides)."""
-    if not enabled:
-        return _NoBar()
+    """Rank 0's bar, on a terminal only (shards.progress: MULTICLIP_PROGRESS overrides); a silent one elsewhere."""
     from shards.progress import progress_bar
 
-    return progress_bar(total=total, initial=initial, desc="train", unit="step")
+    return progress_bar(total=total, initial=initial, desc="train", unit="step", allowed=enabled)
