@@ -43,8 +43,9 @@ demo: $(STAMP)
 	$(PY) launch/cam.py --checkpoint $(DEMO) --shards data/synth/retrieval/val --count 2 --out $(DEMO)/cam > /dev/null
 	$(PY) launch/report.py $(DEMO)
 
+# 2 workers, each module's tests on one (its module fixtures are built once); see tests/conftest.py
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # open_clip's own trainer needs webdataset<=0.2.86, so the comparison runs it from its own venv
 bench-venv: .cache/bench/openclip-venv/.installed

@@ -52,18 +52,23 @@ main(sys.argv[2:])
 """
 
 
-def peak_rss_of(proc: subprocess.Popen) -> tuple[int, float]:
-    """Wait for ``proc``; return (exit code, peak RSS of its process tree in MiB)."""
-    peak = 0
+def peak_rss_of(proc: subprocess.Popen) -> tuple[int, float, float]:
+    """Wait for ``proc``; return (exit code, peak RSS, peak PSS of its process tree, both in MiB).
+
+    RSS counts a page shared by the trainer and its forked loader worker (copy-on-write: the model's
+    weights, the imported libraries) once per process; PSS splits it between them, so the tree's PSS
+    is the memory the job really holds."""
+    peak_rss = peak_pss = 0
     root = psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            tree = [p for p in (root, *root.children(recursive=True)) if p.is_running()]
+            peak_rss = max(peak_rss, sum(p.memory_info().rss for p in tree))
+            peak_pss = max(peak_pss, sum(p.memory_full_info().pss for p in tree))
         except psutil.Error:
             pass
         time.sleep(0.1)
-    return proc.returncode, peak / 2**20
+    return proc.returncode, peak_rss / 2**20, peak_pss / 2**20
 
 
 def multiclip_config(shards: Path, run: Path, steps: int, batch: int, variant: dict | None = None) -> dict:
@@ -93,13 +98,14 @@ def run_multiclip(shards: Path, work: Path, steps: int, batch: int, variant: dic
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stderr_tail = []
     threading.Thread(target=lambda: stderr_tail.extend(proc.stderr), daemon=True).start()
-    code, peak = peak_rss_of(proc)
+    code, peak, pss = peak_rss_of(proc)
     if code != 0:
         raise RuntimeError("multiclip run failed:\n" + "".join(stderr_tail[-30:]))
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     shutil.rmtree(run)  # checkpoints (GBs at ViT-B-32): only the log is read
     rates = [r["samples_per_s"] for r in records if r["kind"] == "train"][1:]
-    return {"samples_per_s": statistics.median(rates), "peak_rss_mib": peak, "wall_s": time.time() - start}
+    return {"samples_per_s": statistics.median(rates), "peak_rss_mib": peak, "peak_pss_mib": pss,
+            "wall_s": time.time() - start}
 
 
 def run_open_clip(python: str, shards: Path, work: Path, steps: int, batch: int, variant: dict | None = None) -> dict:
@@ -124,7 +130,7 @@ def run_open_clip(python: str, shards: Path, work: Path, steps: int, batch: int,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = []
     threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True).start()
-    code, peak = peak_rss_of(proc)
+    code, peak, pss = peak_rss_of(proc)
     time.sleep(0.2)
     shutil.rmtree(logs, ignore_errors=True)  # it saves the final model even with --save-frequency 0
     text = "".join(output)
@@ -133,7 +139,7 @@ def run_open_clip(python: str, shards: Path, work: Path, steps: int, batch: int,
     # "Batch (t): <avg seconds per batch over the window>"
     windows = [float(m) for m in re.findall(r"Batch \(t\): ([0-9.]+)", text)][1:]
     return {"samples_per_s": statistics.median(batch / w for w in windows), "peak_rss_mib": peak,
-            "wall_s": time.time() - start}
+            "peak_pss_mib": pss, "wall_s": time.time() - start}
 
 
 # --------------------------------------------------------------------------- the real regime: ViT-B-32 at 224 px
@@ -203,7 +209,7 @@ def run_vit_regime(args) -> dict:
             result["round"], result["load_avg_1min"] = round_, os.getloadavg()[0]
             runs[v["name"]].append(result)
             print(json.dumps({v["name"]: result}), flush=True)
-    summary = {name: {k: statistics.median(r[k] for r in rs) for k in ("samples_per_s", "peak_rss_mib", "wall_s")}
+    summary = {name: {k: statistics.median(r[k] for r in rs) for k in ("samples_per_s", "peak_rss_mib", "peak_pss_mib", "wall_s")}
                for name, rs in runs.items()}
     best = {}
     for trainer in ("multiclip", "open_clip_train"):
@@ -215,12 +221,13 @@ def run_vit_regime(args) -> dict:
         summary["fastest"] = best
         summary["ratio_samples_per_s"] = summary[mc]["samples_per_s"] / summary[oc]["samples_per_s"]
         summary["ratio_peak_rss"] = summary[mc]["peak_rss_mib"] / summary[oc]["peak_rss_mib"]
+        summary["ratio_peak_pss"] = summary[mc]["peak_pss_mib"] / summary[oc]["peak_pss_mib"]
         summary["ratio_samples_per_s_per_round"] = [a["samples_per_s"] / b["samples_per_s"]
                                                     for a, b in zip(runs[mc], runs[oc])]
     summary["settings"] = {"regime": "vit-b-32", "steps": args.steps, "batch_size": args.batch_size,
                            "rounds": args.rounds, "model": "ViT-B-32 (random init)", "image": "224 px from 400x300 JPEG",
                            "log_every": VIT_LOG_EVERY, "processes": 1, "cpus": os.cpu_count(),
-                           "shared_cpu": "other jobs shared the CPU (load_avg_1min per run)"}
+                           "load": "load_avg_1min per run, read when the run ended"}
     return {"summary": summary, "runs": runs}
 
 
@@ -279,6 +286,7 @@ def main() -> int:
     trainer_rate = summary["multiclip"]["samples_per_s"]
     summary["ratio_samples_per_s"] = trainer_rate / summary["open_clip_train"]["samples_per_s"]
     summary["ratio_peak_rss"] = summary["multiclip"]["peak_rss_mib"] / summary["open_clip_train"]["peak_rss_mib"]
+    summary["ratio_peak_pss"] = summary["multiclip"]["peak_pss_mib"] / summary["open_clip_train"]["peak_pss_mib"]
     for workers in (1, 2):
         rate = loader_rate(multiclip_config(shards, work / "loader", args.steps, args.batch_size), workers, 60)
         summary[f"loader_samples_per_s_workers{workers}"] = rate

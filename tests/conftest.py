@@ -1,6 +1,12 @@
-"""Shared fixtures: synthetic shards generated once per session, run folders per test."""
+"""Shared fixtures: synthetic shards generated once per session, run folders per test.
+
+The suite runs on pytest-xdist workers (``make test``: ``-n 2 --dist loadfile``, a module's tests on one
+worker). What several modules share (shard sets, the trained-and-exported runs) is built once per test
+run under :func:`shared_cache`, not once per worker.
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from filelock import FileLock
 
 # The suite runs on DeepSpeed's CPU accelerator, on a GPU host too: every test (and every process it
 # starts, which inherits this environment) sees no CUDA device. tests/test_gpu.py runs its checks in
@@ -18,6 +25,11 @@ import yaml
 GPU_ENV = dict(os.environ)
 os.environ["DS_ACCELERATOR"] = "cpu"
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# On pytest-xdist workers the cores are split between the workers (this process and all it starts: the
+# trainer takes OMP_NUM_THREADS as given). With a thread per core in each worker, OpenMP's spin-waiting
+# threads oversubscribed the CPU: 2 workers ran the suite no faster than 1 (and used 45 % more CPU time).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import training  # noqa: E402,F401  (torchvision compatibility before anything imports open_clip)
 
@@ -43,14 +55,34 @@ def export_untrained(cfg, out: Path):
     return backbone
 
 
+@contextlib.contextmanager
+def shared_cache(tmp_path_factory, name: str):
+    """The folder ``name`` shared by every xdist worker of this run (each worker has its own base temp:
+    the shared one is its parent), held under a file lock: the first worker to come builds it, the others
+    wait, then find it built. Without xdist it is the session's base temp. Build into it only when the
+    builder's own completion marker is missing."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    with FileLock(str(root / f"{name}.lock")):
+        yield root / name
+
+
+def _synth(tmp_path_factory, task: str, n_train: int = 1600, n_val: int = 200) -> Path:
+    from shards.synth import generate
+
+    with shared_cache(tmp_path_factory, f"synth-{task}-{n_train}-{n_val}") as root:
+        out = root / task
+        if not (out / "meta.json").is_file():  # written last by generate
+            shutil.rmtree(root, ignore_errors=True)
+            generate(out, task=task, n_train=n_train, n_val=n_val, seed=0, shard_size=200, image_size=64)
+    return out
+
+
 @pytest.fixture(scope="session")
 def retrieval_shards(tmp_path_factory) -> Path:
     """Small retrieval shard set (8 train shards, 2 val shards) shared by the whole session."""
-    from shards.synth import generate
-
-    out = tmp_path_factory.mktemp("synth") / "retrieval"
-    generate(out, task="retrieval", n_train=1600, n_val=200, seed=0, shard_size=200, image_size=64)
-    return out
+    return _synth(tmp_path_factory, "retrieval")
 
 
 def tiny_config(shards: Path, run_dir: Path, **sections) -> dict:
@@ -69,14 +101,6 @@ def tiny_config(shards: Path, run_dir: Path, **sections) -> dict:
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
     return raw
-
-
-def _synth(tmp_path_factory, task: str, n_train: int = 1600, n_val: int = 200) -> Path:
-    from shards.synth import generate
-
-    out = tmp_path_factory.mktemp("synth") / task
-    generate(out, task=task, n_train=n_train, n_val=n_val, seed=0, shard_size=200, image_size=64)
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -153,13 +177,19 @@ def _records(run: Path, kind: str) -> list[dict]:
 def trained_export(tmp_path_factory, retrieval_shards, time_shards, geo_shards) -> tuple[Path, Path]:
     """One tiny 3-task run (retrieval, time, geo_time) trained with the real launcher, then exported.
 
-    Cached under the session's base temp folder, so both ONNX test modules share one run and one export.
+    Built once per test run (:func:`shared_cache`), so both ONNX test modules share one run and one export.
     """
-    base = tmp_path_factory.getbasetemp() / "onnx"
-    run, export = base / "run", base / "export"
-    if (export / "manifest.json").is_file():
-        return run, export
-    base.mkdir(parents=True, exist_ok=True)
+    with shared_cache(tmp_path_factory, "onnx") as base:
+        run, export = base / "run", base / "export"
+        if not (export / "manifest.json").is_file():  # written last by the exporter
+            shutil.rmtree(base, ignore_errors=True)
+            base.mkdir(parents=True)
+            _train_and_export(base, run, export, retrieval_shards, time_shards, geo_shards)
+    return run, export
+
+
+def _train_and_export(base: Path, run: Path, export: Path, retrieval_shards: Path, time_shards: Path,
+                      geo_shards: Path) -> None:
     geo_options = {"num_cls_tokens": 2, "knowledge_corpus": str(geo_shards / "knowledge.txt"),
                    "labels_file": str(geo_shards / "labels.json"), "relevance_hidden": 32, "knowledge_top_k": 2}
     tasks = [{"name": "retrieval", "train": str(retrieval_shards / "train"), "val": str(retrieval_shards / "val")},
@@ -174,19 +204,23 @@ def trained_export(tmp_path_factory, retrieval_shards, time_shards, geo_shards) 
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = _run([sys.executable, "launch/export.py", "--checkpoint", str(run), "--out", str(export), "--int8"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return run, export
 
 
 @pytest.fixture(scope="session")
 def geo_run(tmp_path_factory) -> tuple[Path, Path]:
-    """(run folder, shard root) of a tiny geo_time run trained for a few steps with the real launcher."""
+    """(run folder, shard root) of a tiny geo_time run trained for a few steps with the real launcher;
+    built once per test run (:func:`shared_cache`): test_ray_extract and test_ray_search both use it."""
+    with shared_cache(tmp_path_factory, "ray_geo") as root:
+        shards, run = root / "shards", root / "run"
+        if not (run / "final" / "config.json").is_file():  # written last into final/
+            shutil.rmtree(root, ignore_errors=True)
+            _train_geo_run(root, shards, run)
+    return run, shards
+
+
+def _train_geo_run(root: Path, shards: Path, run: Path) -> None:
     from shards.synth import generate
 
-    root = tmp_path_factory.getbasetemp() / "ray_geo"  # fixed: test_ray_search imports this fixture too
-    shards, run = root / "shards", root / "run"
-    if (run / "final" / "model.safetensors").is_file():
-        return run, shards
-    shutil.rmtree(root, ignore_errors=True)
     generate(shards, task="geo_time", n_train=160, n_val=120, seed=0, shard_size=40, image_size=64)
     options = {"num_cls_tokens": 2, "stage": "quantity", "knowledge_corpus": str(shards / "knowledge.txt"),
                "labels_file": str(shards / "labels.json")}
@@ -198,7 +232,6 @@ def geo_run(tmp_path_factory) -> tuple[Path, Path]:
     proc = subprocess.run([sys.executable, "launch/train.py", "--config", str(config)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return run, shards
 
 
 def in_process_embeddings(run: Path, shard_dir: Path) -> dict[str, dict[str, np.ndarray]]:

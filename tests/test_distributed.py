@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DEEPSPEED, ROOT, _free_port, _records, _train, _write_config, tiny_config
+from training.checkpoint import consolidated_state_dict, latest_tag
 from training.trainer import weights_digest
 
 
@@ -67,6 +68,11 @@ def test_zero_stage_trains_and_writes_the_fp32_masters(retrieval_shards, tmp_pat
     # fp32 masters, not a bf16 copy: trained weights keep bits that bf16 cannot hold
     trained = [k for k in fresh if k.startswith("backbone.") and final[k].is_floating_point() and final[k].numel() > 64]
     assert not any(_bf16_representable(final[k]) for k in trained)
+    # final/ is what a --resume would continue from: the last checkpoint's weights, consolidated (ZeRO 0-2
+    # write final/ from the live module, ZeRO 3 from the checkpoint)
+    ckpt_dir = run / "checkpoints"
+    saved = consolidated_state_dict(ckpt_dir, latest_tag(ckpt_dir), stage)
+    assert set(saved) == set(final) and weights_digest(saved) == weights_digest(final)
     if stage < 3:  # every rank's module holds the full fp32 weights the engine trained: the final ones
         digests = {json.loads(p.read_text())["sha256"] for p in (run / "audit").glob("weights-rank*.json")}
         assert digests == {weights_digest(final)}

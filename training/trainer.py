@@ -194,7 +194,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
               "headline": {name: list(head.headline_metrics) for name, head in model.heads.items()},
               "skipped_samples": skipped_samples(run_dir / "skipped")}
     if dist_info.is_main:
-        state = restore_scalar_shapes(ckpt.consolidated_state_dict(ckpt_dir, tag, cfg.deepspeed.zero_stage),
+        state = restore_scalar_shapes(ckpt.final_state_dict(engine, ckpt_dir, tag, cfg.deepspeed.zero_stage),
                                       scalar_names)
         ckpt.write_final(state, run_dir / "final", cfg.to_dict())
         if initial_backbone is not None:
