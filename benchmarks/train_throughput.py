@@ -57,16 +57,20 @@ def peak_rss_of(proc: subprocess.Popen) -> tuple[int, float, float]:
 
     RSS counts a page shared by the trainer and its forked loader worker (copy-on-write: the model's
     weights, the imported libraries) once per process; PSS splits it between them, so the tree's PSS
-    is the memory the job really holds."""
+    is the memory the job really holds. RSS is sampled every 0.1 s, PSS (a walk of every mapping, which
+    took ~40 % of a core at 0.1 s while the trainer ran) every 0.5 s."""
     peak_rss = peak_pss = 0
     root = psutil.Process(proc.pid)
+    tick = 0
     while proc.poll() is None:
         try:
             tree = [p for p in (root, *root.children(recursive=True)) if p.is_running()]
             peak_rss = max(peak_rss, sum(p.memory_info().rss for p in tree))
-            peak_pss = max(peak_pss, sum(p.memory_full_info().pss for p in tree))
+            if tick % 5 == 0:
+                peak_pss = max(peak_pss, sum(p.memory_full_info().pss for p in tree))
         except psutil.Error:
             pass
+        tick += 1
         time.sleep(0.1)
     return proc.returncode, peak_rss / 2**20, peak_pss / 2**20
 

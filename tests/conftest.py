@@ -27,7 +27,7 @@ os.environ["DS_ACCELERATOR"] = "cpu"
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 # On pytest-xdist workers the cores are split between the workers (this process and all it starts: the
 # trainer takes OMP_NUM_THREADS as given). With a thread per core in each worker, OpenMP's spin-waiting
-# threads oversubscribed the CPU: 2 workers ran the suite no faster than 1 (and used 45 % more CPU time).
+# threads oversubscribed the CPU: 2 workers ran the suite no faster than 1 (and used 43 % more CPU time).
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
