@@ -178,16 +178,13 @@ def final_state_dict(engine, ckpt_dir: Path, tag: str, zero_stage: int) -> dict[
 
     ZeRO 0–2 keep every weight whole on every rank (the engine's weights are always fp32: bf16 is the
     towers' autocast), so they are read from the live module: no second copy of the model and none of
-    the optimizer state the checkpoint holds (about +1 GiB at ViT-B-32). ZeRO 1/2's weights are views
-    into DeepSpeed's flat buffers, so they are copied out one by one. Only ZeRO 3, whose ranks hold
-    shards, consolidates the checkpoint just written.
+    the optimizer state the checkpoint holds (about +1 GiB at ViT-B-32). ZeRO 1/2's weights are disjoint
+    views into DeepSpeed's flat buffers, which safetensors writes as they are. Only ZeRO 3, whose ranks
+    hold shards, consolidates the checkpoint just written.
     """
     if zero_stage == 3:
         return consolidated_state_dict(ckpt_dir, tag, zero_stage)
-    state = engine.module.state_dict()
-    if zero_stage == 0:
-        return {k: v.detach().cpu() for k, v in state.items()}
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
