@@ -23,6 +23,7 @@ from conftest import ROOT, run_infer_cli
 CUDA, TRT, CPU = "CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider"
 ALL = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 EXTENDED = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+# the CLI test runs a fresh interpreter, which a monkeypatch does not reach: it needs the CPU build itself
 cpu_build_only = pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="needs the CPU onnxruntime build")
 pytestmark = pytest.mark.filterwarnings("ignore:Specified provider:UserWarning")  # onnxruntime's, on the faked lists
 
@@ -60,6 +61,13 @@ def tower(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def cpu_build(monkeypatch):
+    """onnxruntime as its CPU build lists it (on the GPU build too): no CUDA, no TensorRT."""
+    real = ort.get_available_providers
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [p for p in real() if p not in (TRT, CUDA)])
+
+
+@pytest.fixture
 def gpu_listed_not_loadable(monkeypatch):
     """onnxruntime-gpu without its libraries: CUDA and TensorRT listed, neither loads. Counts preload_dlls calls."""
     real = ort.get_available_providers
@@ -73,8 +81,7 @@ def _pixels(batch: int = 2) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)
 
 
-@cpu_build_only
-def test_cuda_not_in_this_build_falls_back_to_cpu_and_says_so(tower, caplog):
+def test_cuda_not_in_this_build_falls_back_to_cpu_and_says_so(tower, caplog, cpu_build):
     from serving.runtime import NOT_IN_BUILD, RuntimeOptions, Session
 
     with caplog.at_level(logging.INFO, logger="multiclip.serving"):
@@ -203,8 +210,7 @@ def test_exported_model_sends_only_the_towers_to_tensorrt(exported_model):
     assert set(report) == set(model.manifest["graphs"]) and all(r["in_use"][0] for r in report.values())
 
 
-@cpu_build_only
-def test_require_gpu_raises_a_clear_error(tower):
+def test_require_gpu_raises_a_clear_error(tower, cpu_build):
     from serving.runtime import ProviderError, RuntimeOptions, Session
 
     with pytest.raises(ProviderError, match=r"require_gpu .*CUDAExecutionProvider: not in this onnxruntime build"):
