@@ -16,7 +16,8 @@ MARGIN = 0.04  # 40 of the 1,000 held-out sets
 # Measured before issue #17 with the old head (init zero_shot, LayerNorm eps 1e-5, dropout after GELU):
 # stage 2 0.389 vs 0.329 zero-shot. Default (original) head, stage 1: 0.335 (video 0.299, static 0.409) vs
 # zero-shot 0.319, best constant index 0.154 ("index 0"), chance 0.1; stage 2 with it: 0.388 at 300 steps,
-# 0.365 at 150 (session 10: a margin of 0.046, too close to MARGIN to halve the test's time).
+# 0.365 at 150 (session 10: a margin of 0.046, too close to MARGIN to halve the test's time); 0.382 without
+# the evaluation before training (the held-out loader no longer draws its seed from the shared RNG first).
 TRAIN_TIMEOUT = 1800  # s per training run: conftest's 600 s default is too short on a loaded 2-core machine
 BASELINE_MARGIN = 0.1  # over the best constant-index rule (the synthetic video sets end on frame 0 or 9 often)
 
@@ -141,6 +142,11 @@ def test_contextual_head_learns_well_above_chance(joint_run, tmp_path):
     assert json.loads(out.read_text())["contextual/accuracy"] == pytest.approx(after["contextual/accuracy"], abs=1e-6)
 
 
+def _eval_records(run) -> list[dict]:
+    lines = (run / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "eval"]
+
+
 def test_head_on_frozen_backbone_beats_zero_shot(joint_run, contextual_shards, tmp_path):
     """Stage 2 (the paper's setting): the head alone on the frozen stage-1 backbone beats that backbone's
     zero-shot cosine on held-out sets by a clear margin, mostly on what one frame cannot tell (which frame
@@ -153,17 +159,18 @@ def test_head_on_frozen_backbone_beats_zero_shot(joint_run, contextual_shards, t
                       optim={"max_steps": STAGE2_STEPS, "micro_batch_size": 32, "warmup_steps": 10,
                              "weight_decay": 0.05, "freeze_backbone": True, "lr_backbone": 0.0,
                               "lr_head": 3e-3},
-                      schedule={"log_every": 50}, eval={"max_samples": None, "batch_size": 100})
+                      schedule={"log_every": 50},  # no "before": stage 1's "after" scored the same weights
+                      eval={"max_samples": None, "batch_size": 100, "before_training": False})
     proc = _run([sys.executable, "launch/train.py", "--config", str(_write_config(tmp_path, raw))],
                 timeout=TRAIN_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((run / "metrics.json").read_text())
-    before, after = result["before"], result["after"]
+    after = result["after"]
+    assert result["before"] is None and [r["step"] for r in _eval_records(run)] == [STAGE2_STEPS]
     stage1_after = json.loads((stage1 / "metrics.json").read_text())["after"]
     print("stage 2:", {k: after[k] for k in sorted(after) if k.startswith("contextual/")})
-    # the backbone is frozen: its zero-shot scorer is stage 1's, before and after
+    # the backbone is frozen: its zero-shot scorer is stage 1's (which "after" scored the same weights)
     assert after["contextual/zeroshot_accuracy"] == pytest.approx(stage1_after["contextual/zeroshot_accuracy"], abs=1e-6)
-    assert after["contextual/zeroshot_accuracy"] == pytest.approx(before["contextual/zeroshot_accuracy"], abs=1e-6)
     assert after["contextual/accuracy"] >= after["contextual/zeroshot_accuracy"] + MARGIN
     assert after["contextual/accuracy"] >= after["contextual/accuracy_chance"] + 0.2
     assert after["contextual/accuracy"] >= after["contextual/accuracy_baseline"] + BASELINE_MARGIN

@@ -176,7 +176,7 @@ def test_kill_during_checkpoint_save_leaves_previous_usable(retrieval_shards, tm
 def test_real_kill_while_a_checkpoint_is_being_written(retrieval_shards, tmp_path):
     """kill -9 while a save is in progress (its folder exists, ``latest`` not yet moved), then resume."""
     run = tmp_path / "run"
-    raw = tiny_config(retrieval_shards, run, optim={"max_steps": 40}, schedule={"checkpoint_every": 1},
+    raw = tiny_config(retrieval_shards, run, optim={"max_steps": 16}, schedule={"checkpoint_every": 1},
                       eval={"max_samples": 50, "batch_size": 50})
     config = _write_config(tmp_path, raw)
     job, port = _start_job(config)

@@ -117,6 +117,9 @@ class LogConfig(_Section):
 class EvalConfig(_Section):
     batch_size: int = Field(128, ge=1)
     max_samples: int | None = Field(None, ge=1)  # cap on held-out samples (None: all; rounded up to whole batches)
+    # the evaluation before the first step ("before" in metrics.json); off when that start is measured already,
+    # e.g. a stage-2 run from init_weights whose stage-1 run evaluated the same weights
+    before_training: bool = True
     general: str | list[str] | None = None  # shards measuring general (zero-shot) ability before/after
     wise_ft_alphas: list[float] = Field(default_factory=list)  # WiSE-FT: (1-a)*initial + a*fine-tuned backbone
 

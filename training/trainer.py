@@ -142,7 +142,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     def evaluate() -> dict[str, Any]:
         return evaluate_model(engine.module, backbone, cfg, skip_dir=held_out_dir, rank=dist_info.rank)
 
-    baseline = evaluate() if run_state is None else None
+    baseline = evaluate() if run_state is None and cfg.eval.before_training else None
     if baseline is not None:
         logger.log({"kind": "eval", "step": step, **baseline})
         log.info("before training: %s", json.dumps(baseline))
