@@ -26,7 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.train_throughput import multiclip_config, peak_rss_of, bench_env  # noqa: E402
+from benchmarks.train_throughput import multiclip_config, peak_memory_of, bench_env  # noqa: E402
 
 
 def run(shards: Path, work: Path, name: str, steps: int, micro: int, accum: int, mode: str) -> dict:
@@ -42,7 +42,7 @@ def run(shards: Path, work: Path, name: str, steps: int, micro: int, accum: int,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     tail: list[str] = []
     threading.Thread(target=lambda: tail.extend(proc.stderr), daemon=True).start()
-    code, peak, _ = peak_rss_of(proc)
+    code, peak, _ = peak_memory_of(proc)
     if code != 0:
         raise RuntimeError(f"{name} failed:\n" + "".join(tail[-30:]))
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -52,7 +52,7 @@ main(sys.argv[2:])
 """
 
 
-def peak_rss_of(proc: subprocess.Popen) -> tuple[int, float, float]:
+def peak_memory_of(proc: subprocess.Popen) -> tuple[int, float, float]:
     """Wait for ``proc``; return (exit code, peak RSS, peak PSS of its process tree, both in MiB).
 
     RSS counts a page shared by the trainer and its forked loader worker (copy-on-write: the model's
@@ -102,7 +102,7 @@ def run_multiclip(shards: Path, work: Path, steps: int, batch: int, variant: dic
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stderr_tail = []
     threading.Thread(target=lambda: stderr_tail.extend(proc.stderr), daemon=True).start()
-    code, peak, pss = peak_rss_of(proc)
+    code, peak, pss = peak_memory_of(proc)
     if code != 0:
         raise RuntimeError("multiclip run failed:\n" + "".join(stderr_tail[-30:]))
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
@@ -134,7 +134,7 @@ def run_open_clip(python: str, shards: Path, work: Path, steps: int, batch: int,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = []
     threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True).start()
-    code, peak, pss = peak_rss_of(proc)
+    code, peak, pss = peak_memory_of(proc)
     time.sleep(0.2)
     shutil.rmtree(logs, ignore_errors=True)  # it saves the final model even with --save-frequency 0
     text = "".join(output)
