@@ -9,8 +9,8 @@ photo-like JPEG shards written once into ``--cache`` (``benchmarks/loader_throug
 
 Memory is the RSS of each rank process (its DataLoader worker is a separate process and not counted),
 sampled every 0.2 s with psutil. "Training peak" is the peak until the last step's log record; after it,
-rank 0 also consolidates the ZeRO checkpoint into final weights (full fp32 weights plus, for ZeRO 1-3,
-DeepSpeed's reader of every rank's optimizer file), reported apart as "job peak".
+rank 0 writes the final weights, reported apart as "job peak": for ZeRO 0-2 from its live module (since
+session 10), for ZeRO 3 by consolidating the checkpoint (DeepSpeed's reader of every rank's files).
 
 Then, per stage, the largest micro batch whose training peak stays within ``--budget-gib`` on both ranks:
 doubling from ``--start-batch`` until a batch does not fit, then ``--bisect`` bisection steps between the
