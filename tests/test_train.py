@@ -85,6 +85,19 @@ def test_resume_continues_at_the_same_step(retrieval_shards, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").glob("step*")) == ["step00000004", "step00000006"]
 
 
+def test_evaluation_before_training_can_be_left_out(retrieval_shards, tmp_path):
+    """eval.before_training=false: no step-0 evaluation ("before" is null), periodic and final ones stay
+    (with the default, every run's metrics.json has "before": the learning tests read it)."""
+    run = tmp_path / "run"
+    raw = tiny_config(retrieval_shards, run, optim={"max_steps": 4}, schedule={"eval_every": 2},
+                      eval={"max_samples": 20, "batch_size": 20, "before_training": False})
+    proc = _train(_write_config(tmp_path, raw))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in _records(run, "eval")] == [2, 4]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["before"] is None and metrics["after"]
+
+
 def test_resume_with_another_model_is_refused(retrieval_shards, tmp_path):
     run = tmp_path / "run"
     raw = tiny_config(retrieval_shards, run, optim={"max_steps": 2}, schedule={"checkpoint_every": 2})
