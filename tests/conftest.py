@@ -113,11 +113,14 @@ def geo_shards(tmp_path_factory) -> Path:
     return _synth(tmp_path_factory, "geo_time", n_train=2400)
 
 
-def run_infer_cli(args: list[str], forbidden: tuple[str, ...], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_infer_cli(args: list[str], forbidden: tuple[str, ...], env: dict[str, str] | None = None,
+                  prelude: str = "") -> subprocess.CompletedProcess:
     """launch/infer.py with ``args`` in a fresh interpreter; it must succeed without importing ``forbidden``.
 
-    ``env``: variables added to this process's environment (e.g. ``MULTICLIP_PLUGINS``, ``PYTHONPATH``)."""
-    script = (f"import runpy, sys; sys.argv = ['infer.py', *{args!r}];\n"
+    ``env``: variables added to this process's environment (e.g. ``MULTICLIP_PLUGINS``, ``PYTHONPATH``).
+    ``prelude``: Python run first in that interpreter (e.g. onnxruntime's provider list as another build
+    lists it)."""
+    script = (f"import runpy, sys\n{prelude}\nsys.argv = ['infer.py', *{args!r}]\n"
               "try:\n    runpy.run_path('launch/infer.py', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
               f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {forbidden!r})\n"
               "print('HEAVY', bad)")

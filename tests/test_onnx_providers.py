@@ -23,8 +23,10 @@ from conftest import ROOT, run_infer_cli
 CUDA, TRT, CPU = "CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider"
 ALL = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 EXTENDED = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-# the CLI test runs a fresh interpreter, which a monkeypatch does not reach: it needs the CPU build itself
-cpu_build_only = pytest.mark.skipif(CUDA in ort.get_available_providers(), reason="needs the CPU onnxruntime build")
+# onnxruntime as its CPU build lists its providers, on the GPU build too (the CLI test's fresh interpreters
+# run it first; the cpu_build fixture does the same in this process)
+CPU_BUILD_PRELUDE = ("import onnxruntime as ort; _real = ort.get_available_providers; "
+                     f"ort.get_available_providers = lambda: [p for p in _real() if p not in {(TRT, CUDA)!r}]")
 pytestmark = pytest.mark.filterwarnings("ignore:Specified provider:UserWarning")  # onnxruntime's, on the faked lists
 
 
@@ -233,11 +235,10 @@ def exported_model(tmp_path_factory, retrieval_shards, time_shards, geo_shards) 
     return trained_export(tmp_path_factory, retrieval_shards, time_shards, geo_shards)[1]
 
 
-@cpu_build_only
 def test_summary_json_of_a_cli_run_records_the_providers(exported_model, time_shards, tmp_path):
     shard = str(time_shards / "val" / "shard-000000.tar")
     proc = run_infer_cli(["--model", str(exported_model), "--shards", shard, "--out", str(tmp_path),
-                          "--tasks", "time", "--providers", "cuda", "cpu"], ("torch",))
+                          "--tasks", "time", "--providers", "cuda", "cpu"], ("torch",), prelude=CPU_BUILD_PRELUDE)
     assert proc.stderr.count(f"has no {CUDA}") == 1, proc.stderr[-2000:]
     providers = json.loads((tmp_path / "summary.json").read_text())["providers"]
     assert set(providers) == {"image_encoder", "time_head"}
@@ -246,9 +247,11 @@ def test_summary_json_of_a_cli_run_records_the_providers(exported_model, time_sh
         assert [f["provider"] for f in entry["fallbacks"]] == [CUDA]
         assert entry["fallbacks"][0]["reason"].startswith("not in this onnxruntime build"), entry
     # --require-gpu: exit 2 with the reason, nothing run on the CPU
-    failed = subprocess.run([sys.executable, "launch/infer.py", "--model", str(exported_model), "--shards", shard,
-                             "--out", str(tmp_path / "strict"), "--tasks", "time", "--providers", "cuda", "cpu",
-                             "--require-gpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    strict = ["--model", str(exported_model), "--shards", shard, "--out", str(tmp_path / "strict"), "--tasks", "time",
+              "--providers", "cuda", "cpu", "--require-gpu"]
+    script = (f"import runpy, sys\n{CPU_BUILD_PRELUDE}\nsys.argv = ['infer.py', *{strict!r}]\n"
+              "runpy.run_path('launch/infer.py', run_name='__main__')")
+    failed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert failed.returncode == 2, failed.stderr[-2000:]
     assert "infer error: image_encoder.onnx: require_gpu is set" in failed.stderr
     assert "not in this onnxruntime build" in failed.stderr
