@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from conftest import _run, _write_config
+from conftest import _records, _run, _write_config
 from training.tasks.contextual import ContextualHead, ContextualOptions
 
 STAGE2_STEPS = 300
@@ -144,11 +144,6 @@ def test_contextual_head_learns_well_above_chance(joint_run, tmp_path):
     assert json.loads(out.read_text())["contextual/accuracy"] == pytest.approx(after["contextual/accuracy"], abs=1e-6)
 
 
-def _eval_records(run) -> list[dict]:
-    lines = (run / "log.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == "eval"]
-
-
 def test_head_on_frozen_backbone_beats_zero_shot(joint_run, contextual_shards, tmp_path):
     """Stage 2 (the paper's setting): the head alone on the frozen stage-1 backbone beats that backbone's
     zero-shot cosine on held-out sets by a clear margin, mostly on what one frame cannot tell (which frame
@@ -168,7 +163,7 @@ def test_head_on_frozen_backbone_beats_zero_shot(joint_run, contextual_shards, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((run / "metrics.json").read_text())
     after = result["after"]
-    assert result["before"] is None and [r["step"] for r in _eval_records(run)] == [STAGE2_STEPS]
+    assert result["before"] is None and [r["step"] for r in _records(run, "eval")] == [STAGE2_STEPS]
     stage1_after = json.loads((stage1 / "metrics.json").read_text())["after"]
     print("stage 2:", {k: after[k] for k in sorted(after) if k.startswith("contextual/")})
     # the backbone is frozen: its zero-shot scorer is stage 1's (which "after" scored the same weights)
