@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
@@ -146,13 +147,21 @@ def _as_dir(path: str | Path | None) -> str | None:
 
 def _data_loader(stream: ShardStream, num_workers: int, pin_memory: bool, prefetch_factor: int | None,
                  persistent_workers: bool) -> DataLoader:
-    """The torch DataLoader over a stream; ``prefetch_factor``/``persistent_workers`` only apply with workers."""
+    """The torch DataLoader over a stream; ``prefetch_factor``/``persistent_workers`` only apply with workers.
+
+    Its own generator: each new iterator draws the workers' base seed (their ``random``/``torch`` seeds,
+    hence their augmentations) from it, not from torch's global RNG. So opening a loader (every
+    evaluation opens one) leaves the training's dropout and main-process augmentations where they were,
+    and each rank's workers draw different augmentations.
+    """
     if prefetch_factor is not None and prefetch_factor < 1:
         raise ValueError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
     workers = num_workers > 0
+    spec = stream.spec
+    generator = torch.Generator().manual_seed(stable_seed("workers", spec.seed, spec.start_epoch, spec.rank))
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       prefetch_factor=prefetch_factor if workers else None,
-                      persistent_workers=persistent_workers and workers)
+                      persistent_workers=persistent_workers and workers, generator=generator)
 
 
 def make_loader(

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import io
+import itertools
 import json
 import logging
 import os
@@ -298,6 +299,37 @@ def test_eval_loader_reads_everything_in_order_with_partial_batch(tmp_path: Path
     assert sum(batches, []) == keys
     parallel = loader_keys(make_eval_loader(urls, map_fn=key_and_width, batch_size=5, num_workers=2))
     assert sorted(parallel) == keys
+
+
+def test_opening_and_reading_loaders_leaves_the_global_rng_alone(tmp_path: Path) -> None:
+    """Every evaluation opens a loader: drawing its workers' seed from torch's global RNG would move the
+    training's dropout masks and main-process augmentations with the evaluation schedule."""
+    write_shard_set(tmp_path, n_shards=2, per_shard=4)
+    urls = expand_urls(str(tmp_path))
+    torch.manual_seed(0)
+    expected = torch.get_rng_state()
+    loader_keys(make_eval_loader(urls, map_fn=key_and_width, batch_size=3))
+    loader_keys(make_eval_loader(urls, map_fn=key_and_width, batch_size=3, num_workers=1))
+    batches_of_keys(make_loader(urls, map_fn=key_and_width, batch_size=2, num_workers=1, shuffle_buffer=2), 2)
+    assert torch.equal(torch.get_rng_state(), expected)
+
+
+def worker_draw(sample: dict[str, Any]) -> dict[str, Any]:
+    """A map_fn drawing from the worker's torch RNG, as a random augmentation does."""
+    return {"key": sample["__key__"], "draw": int(torch.randint(10**9, ()))}
+
+
+def test_worker_seeds_follow_seed_and_rank_not_the_global_rng(tmp_path: Path) -> None:
+    write_shard_set(tmp_path, n_shards=2, per_shard=4)
+
+    def draws(rank: int, global_seed: int) -> list[int]:
+        torch.manual_seed(global_seed)
+        loader = make_loader(str(tmp_path), map_fn=worker_draw, batch_size=2, rank=rank, world_size=2,
+                             num_workers=1, seed=3, shuffle_buffer=1)
+        return [int(d) for batch in itertools.islice(loader, 2) for d in batch["draw"]]
+
+    assert draws(0, global_seed=1) == draws(0, global_seed=2)  # reproducible, whatever ran before
+    assert draws(0, global_seed=1) != draws(1, global_seed=1)  # each rank its own augmentations
 
 
 # --------------------------------------------------------------------------- bad data

@@ -87,15 +87,25 @@ def test_resume_continues_at_the_same_step(retrieval_shards, tmp_path):
 
 def test_evaluation_before_training_can_be_left_out(retrieval_shards, tmp_path):
     """eval.before_training=false: no step-0 evaluation ("before" is null), periodic and final ones stay
-    (with the default, every run's metrics.json has "before": the learning tests read it)."""
-    run = tmp_path / "run"
-    raw = tiny_config(retrieval_shards, run, optim={"max_steps": 4}, schedule={"eval_every": 2},
-                      eval={"max_samples": 20, "batch_size": 20, "before_training": False})
-    proc = _train(_write_config(tmp_path, raw))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [r["step"] for r in _records(run, "eval")] == [2, 4]
-    metrics = json.loads((run / "metrics.json").read_text())
+    (with the default, every run's metrics.json has "before": the learning tests read it). And how often a
+    run evaluates never moves its training: with the crops drawn in the main process (no loader workers),
+    the training losses are the same whatever the evaluation schedule."""
+    runs = {"sparse": tmp_path / "sparse" / "run", "every_step": tmp_path / "every_step" / "run"}
+    schedules = {"sparse": ({"eval_every": 2}, False), "every_step": ({"eval_every": 1}, True)}
+    for name, run in runs.items():
+        schedule, before = schedules[name]
+        raw = tiny_config(retrieval_shards, run, optim={"max_steps": 4}, schedule=schedule,
+                          data={"num_workers": 0},
+                          eval={"max_samples": 20, "batch_size": 20, "before_training": before})
+        (tmp_path / name).mkdir()
+        proc = _train(_write_config(tmp_path / name, raw))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in _records(runs["sparse"], "eval")] == [2, 4]
+    assert [r["step"] for r in _records(runs["every_step"], "eval")] == [0, 1, 2, 3, 4]
+    metrics = json.loads((runs["sparse"] / "metrics.json").read_text())
     assert metrics["before"] is None and metrics["after"]
+    losses = {name: [r["loss"] for r in _records(run, "train")] for name, run in runs.items()}
+    assert len(losses["sparse"]) == 4 and losses["sparse"] == losses["every_step"]
 
 
 def test_resume_with_another_model_is_refused(retrieval_shards, tmp_path):
