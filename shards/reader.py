@@ -149,16 +149,17 @@ def _data_loader(stream: ShardStream, num_workers: int, pin_memory: bool, prefet
                  persistent_workers: bool) -> DataLoader:
     """The torch DataLoader over a stream; ``prefetch_factor``/``persistent_workers`` only apply with workers.
 
-    Its own generator: each new iterator draws the workers' base seed (their ``random``/``torch`` seeds,
-    hence their augmentations) from it, not from torch's global RNG. So opening a loader (every
-    evaluation opens one) leaves the training's dropout and main-process augmentations where they were,
-    and each rank's workers draw different augmentations.
+    Its own generator, seeded by (seed, epoch, shards): each new iterator draws the workers' base seed
+    (their ``random``/``torch`` seeds, hence their augmentations) from it, not from torch's global RNG. So
+    opening a loader (every evaluation opens one) leaves the training's dropout and main-process
+    augmentations where they were. Ranks share the seed, as they shared the global RNG's draw before:
+    rank-distinct seeds were measured to lower geo_time in the all-heads demo (docs/benchmarks.md).
     """
     if prefetch_factor is not None and prefetch_factor < 1:
         raise ValueError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
     workers = num_workers > 0
     spec = stream.spec
-    generator = torch.Generator().manual_seed(stable_seed("workers", spec.seed, spec.start_epoch, spec.rank))
+    generator = torch.Generator().manual_seed(stable_seed("workers", spec.seed, spec.start_epoch, spec.urls))
     return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       prefetch_factor=prefetch_factor if workers else None,
                       persistent_workers=persistent_workers and workers, generator=generator)

@@ -319,17 +319,19 @@ def worker_draw(sample: dict[str, Any]) -> dict[str, Any]:
     return {"key": sample["__key__"], "draw": int(torch.randint(10**9, ()))}
 
 
-def test_worker_seeds_follow_seed_and_rank_not_the_global_rng(tmp_path: Path) -> None:
-    write_shard_set(tmp_path, n_shards=2, per_shard=4)
+def test_worker_seeds_follow_seed_and_shards_not_the_global_rng(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        write_shard_set(tmp_path / name, n_shards=2, per_shard=4, prefix=name)
 
-    def draws(rank: int, global_seed: int) -> list[int]:
+    def draws(name: str, global_seed: int, rank: int = 0) -> list[int]:
         torch.manual_seed(global_seed)
-        loader = make_loader(str(tmp_path), map_fn=worker_draw, batch_size=2, rank=rank, world_size=2,
+        loader = make_loader(str(tmp_path / name), map_fn=worker_draw, batch_size=2, rank=rank, world_size=2,
                              num_workers=1, seed=3, shuffle_buffer=1)
         return [int(d) for batch in itertools.islice(loader, 2) for d in batch["draw"]]
 
-    assert draws(0, global_seed=1) == draws(0, global_seed=2)  # reproducible, whatever ran before
-    assert draws(0, global_seed=1) != draws(1, global_seed=1)  # each rank its own augmentations
+    assert draws("a", global_seed=1) == draws("a", global_seed=2)  # reproducible, whatever ran before
+    assert draws("a", global_seed=1) != draws("b", global_seed=1)  # each task's loader its own stream
+    assert draws("a", global_seed=1) == draws("a", global_seed=1, rank=1)  # ranks share it, as before
 
 
 # --------------------------------------------------------------------------- bad data
