@@ -20,6 +20,8 @@ MARGIN = 0.04  # 40 of the 1,000 held-out sets
 # the evaluation before training (the held-out loader no longer draws its seed from the shared RNG first).
 # Stage 1 keeps its evaluation before training: without it (the same RNG shift) stage 1 scored 0.306 and
 # stage 2 0.339 (session 11), thinner margins for no gain in what is tested.
+# These figures predate session 12's loader seeds (no longer drawn from the global RNG), which moved every
+# trajectory; the assertions were re-run with them and pass.
 TRAIN_TIMEOUT = 1800  # s per training run: conftest's 600 s default is too short on a loaded 2-core machine
 BASELINE_MARGIN = 0.1  # over the best constant-index rule (the synthetic video sets end on frame 0 or 9 often)
 
