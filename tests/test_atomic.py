@@ -45,3 +45,16 @@ def test_write_final_streams_both_files_and_a_failure_keeps_the_old_ones(tmp_pat
     assert all(torch.equal(kept[k], v) for k, v in state.items())  # the earlier weights, whole
     assert not (tmp_path / "final" / "config.json").exists()  # load_run refuses the folder until a full write
     assert sorted(p.name for p in (tmp_path / "final").iterdir()) == ["model.safetensors", "open_clip.safetensors"]
+
+
+def test_two_writers_of_one_path_at_once_both_finish(tmp_path):
+    """Two ranks writing one cache file (geo_time's knowledge embeddings) at the same time: each writes its
+    own temporary, so neither rename finds its file taken by the other (a shared name failed the demo)."""
+    target = tmp_path / "corpus.npy"
+    with atomic_path(target) as first:
+        first.write_bytes(b"rank 0")
+        with atomic_path(target) as second:
+            second.write_bytes(b"rank 1")
+        assert target.read_bytes() == b"rank 1"
+    assert target.read_bytes() == b"rank 0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.npy"]

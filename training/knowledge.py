@@ -8,7 +8,6 @@ blocked matrix product (the Ray job scales the same function out).
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shards.atomic import save_npy
 from shards.corpus import read_corpus
 
 
@@ -53,9 +53,7 @@ def embed_corpus(backbone: nn.Module, tokenizer: Callable, path: str | Path, cac
         return texts, torch.from_numpy(np.load(cache_file)).to(device)
     emb = embed_texts(backbone, tokenizer, texts)
     if cache:
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp.npy")  # one temporary per process: ranks write at once
-        np.save(tmp, emb.cpu().numpy())
-        tmp.replace(cache_file)  # atomic: a concurrent rank never reads half a file
+        save_npy(cache_file, emb.cpu().numpy())  # atomic, one temporary per writer: ranks write it at once
     return texts, emb
 
 
