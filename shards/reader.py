@@ -153,7 +153,7 @@ def _data_loader(stream: ShardStream, num_workers: int, pin_memory: bool, prefet
     (their ``random``/``torch`` seeds, hence their augmentations) from it, not from torch's global RNG. So
     opening a loader (every evaluation opens one) leaves the training's dropout and main-process
     augmentations where they were. Ranks share the seed, as they shared the global RNG's draw before:
-    rank-distinct seeds were measured to lower geo_time in the all-heads demo (docs/benchmarks.md).
+    rank-distinct seeds were measured to lower one head in the all-heads demo (docs/benchmarks.md).
     """
     if prefetch_factor is not None and prefetch_factor < 1:
         raise ValueError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
