@@ -115,23 +115,36 @@ def test_two_ranks_to_one_continues_loss_optimizer_and_data(retrieval_shards, tm
 
 
 @pytest.mark.slow
-def test_one_rank_to_two_repositions_the_streams_by_epoch_fraction(retrieval_shards, tmp_path):
-    """ZeRO-0 on 1 rank x 16 (100 micro batches an epoch), resumed on 2 ranks x 16 (50 each): 8 consumed
-    become 4 per rank, the same 8 % of the epoch. (ZeRO-1/2 from 1 to 2 ranks is refused for this model:
-    the heads' no-decay group is too small to reach rank 1's partition, see elastic.check_universal_loadable.)"""
+def test_one_rank_to_two_continues_loss_optimizer_and_data(retrieval_shards, tmp_path):
+    """ZeRO-2 on 1 rank x 16 with 2 feature-cached micro batches a step (the contrastive batch of 2 ranks x
+    16, so the losses compare), resumed on 2 ranks x 16: the 16 micro batches taken were 16 / 100 of the
+    epoch, so each rank continues after 8 of its 50. Rank 1's ZeRO partition holds no element of the heads'
+    no-decay group (two scalars), which DeepSpeed 0.19.8's own universal loader fails on
+    (elastic.tolerate_empty_partitions): that group still counts every step on both ranks."""
     run = tmp_path / "run"
-    raw = _raw(retrieval_shards, run, stage=0)
+    raw = _raw(retrieval_shards, run, stage=2)
+    raw["optim"].update(grad_accum=2, accum_mode="features")
     config = _write_config(tmp_path, raw)
     proc = _train(config)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = _train(config, "--resume", f"optim.max_steps={MORE}", ranks=2)
+    proc = _train(config, "--resume", f"optim.max_steps={MORE}", "optim.grad_accum=1", "optim.accum_mode=gradients",
+                  ranks=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "elastic resume: checkpoint written on 1 rank(s), resumed on 2" in proc.stdout + proc.stderr
+    assert "elastic resume: checkpoint written on 1 rank(s), resumed on 2 from a universal checkpoint" in (
+        proc.stdout + proc.stderr)
+
+    steps = _by_step(run)
+    fresh, last, first = steps[1]["loss"], steps[STEPS]["loss"], steps[STEPS + 1]["loss"]
+    assert abs(first - last) < 0.1 and first < fresh - 0.15, (fresh, last, first)
     _check_continued(run)
+    # with ZeRO every rank's partition of every group takes every step, padding-only ones included
+    adam = _adam_steps(run / "checkpoints" / f"step{MORE:08d}")
+    assert all(s == {MORE} for s in adam.values()), adam
     state = json.loads((run / "checkpoints" / f"step{MORE:08d}" / "run_state.json").read_text())
-    assert state["task_batches"] == {"retrieval": 4 + (MORE - STEPS)} and state["layout"]["world_size"] == 2
+    assert state["task_batches"] == {"retrieval": 8 + (MORE - STEPS)} and state["layout"]["world_size"] == 2
+    resumed = {**raw, "optim": {**raw["optim"], "grad_accum": 1, "accum_mode": "gradients"}}
     for rank in (0, 1):
-        assert _audit_keys(run, rank, STEPS) == _stream_keys(raw, 2, rank, 4, tmp_path)
+        assert _audit_keys(run, rank, STEPS) == _stream_keys(resumed, 2, rank, 8, tmp_path)
 
 
 def test_repositioning_keeps_the_epoch_and_its_fraction():

@@ -140,28 +140,69 @@ def _remove_older_conversions(root: Path, keep: str) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def check_universal_loadable(optimizer, source: ResumeSource | None) -> None:
-    """Refuse, on every rank alike, a universal load that DeepSpeed 0.19.8 would crash in: its loader
-    (base_optimizer.py, ``load_hp_checkpoint_state_from_checkpoint_dir``) takes ``steps[0]`` of each
-    parameter group and fails with IndexError on a rank whose ZeRO partition holds no element of a
-    group (a group smaller than the ranks' alignment, e.g. a head's two no-decay scalars on 2 ranks)."""
-    import torch
-    import torch.distributed as dist
+def tolerate_empty_partitions(optimizer, source: ResumeSource | None) -> None:
+    """Let a rank load a universal checkpoint when its ZeRO partition holds no element of some parameter
+    group: a group smaller than the ranks' alignment, e.g. the retrieval head's two no-decay scalars on 2
+    ranks, at any model size. DeepSpeed 0.19.8's loader (base_optimizer.py,
+    ``load_hp_checkpoint_state_from_checkpoint_dir``) takes ``steps[0]`` of such a group's empty list and
+    fails with IndexError; on such a rank this module's loader runs instead (:func:`_load_universal_state`).
+    Other ranks keep DeepSpeed's own."""
+    import types
 
-    if source is None or not source.universal:
+    if source is None or not source.universal or not _empty_groups(optimizer):
         return
+    optimizer.load_hp_checkpoint_state_from_checkpoint_dir = types.MethodType(_load_universal_state, optimizer)
+
+
+def _empty_groups(optimizer) -> list[int]:
+    """Indices of the parameter groups this rank's ZeRO-1/2 partition holds no element of."""
     groups = getattr(optimizer, "bit16_groups", [])
-    names = [g.get("name", str(i)) for i, g in enumerate(optimizer.optimizer.param_groups)]
-    empty = [names[i] for i, lps in enumerate(groups) if all(getattr(lp, "_hp_mapping", None) is None for lp in lps)]
-    flag = torch.tensor([1 if empty else 0])
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item():
-        mine = f" (on this rank: {', '.join(empty)})" if empty else ""
-        raise ConfigError(f"--resume on {source.world_size} rank(s) of a checkpoint written on {source.saved_world_size}: "
-                          f"a rank's ZeRO partition holds no element of a parameter group{mine}, and DeepSpeed "
-                          "0.19.8's universal checkpoint loader fails on that. Resume on fewer ranks, with "
-                          "deepspeed.zero_stage 0, or on the checkpoint's world size")
+    return [i for i, lps in enumerate(groups) if all(getattr(lp, "_hp_mapping", None) is None for lp in lps)]
+
+
+def _load_universal_state(self, lp_groups_name: str, checkpoint_dir: str) -> None:
+    """DeepSpeed's universal loading of a ZeRO-1/2 optimizer (``self``), for a rank that holds nothing of some
+    group. Every group takes its hyperparameters from the checkpoint, as in DeepSpeed; the groups this rank
+    holds elements of load their fp32 fragments and Adam moments (``load_hp_checkpoint_state``); a group it
+    holds nothing of gets the checkpoint's step count (its parameters' ``step.pt``) and zero moments: its
+    partition is only padding, which no weight reads. Tensor parallelism and experts are not used here."""
+    import torch
+    from deepspeed.utils.tensor_fragment import map_to_flat_opt_states
+
+    if self.mpu is not None:
+        raise ConfigError("elastic resume: the universal loader for empty ZeRO partitions supports no model parallelism")
+    zero_dir = os.path.join(checkpoint_dir, "zero")
+    saved = torch.load(os.path.join(zero_dir, "optimizer_state.pt"), weights_only=True)
+    self._load_global_state(saved)
+    lp_groups, state = getattr(self, lp_groups_name), self.optimizer.state
+    moment_keys: set[str] = set()
+    padding_only = []
+    for i, (group, saved_group) in enumerate(zip(self.optimizer.param_groups, saved["param_groups"])):
+        hp_param = group["params"][0]
+        held = [lp for lp in lp_groups[i] if lp._hp_mapping is not None]
+        steps = [lp.load_hp_checkpoint_state(os.path.join(zero_dir, self.param_names[lp]), 0, 1) for lp in held]
+        keys = {key for lp in held for key in lp._hp_mapping.get_optim_state_keys()}
+        moment_keys |= keys
+        if held:
+            if any(not _same_step(s, steps[0]) for s in steps):
+                raise ConfigError(f"elastic resume: parameter group {i} has unequal Adam steps {steps} in {checkpoint_dir}")
+            if steps[0] is not None:
+                state[hp_param]["step"] = steps[0]
+            map_to_flat_opt_states(hp_param, lp_groups[i], state, keys)
+        else:
+            padding_only.append(i)
+        group.update({key: value for key, value in saved_group.items() if key != "params"})
+    for i in padding_only if moment_keys else ():  # no moments known: AdamW starts this padding afresh
+        hp_param = self.optimizer.param_groups[i]["params"][0]
+        step_file = os.path.join(zero_dir, self.param_names[lp_groups[i][0]], "step.pt")
+        if os.path.isfile(step_file):
+            state[hp_param]["step"] = torch.load(step_file, weights_only=True)
+        for key in moment_keys:
+            state[hp_param][key] = torch.zeros_like(hp_param)
+
+
+def _same_step(a: Any, b: Any) -> bool:
+    return float(a) == float(b) if a is not None and b is not None else a is b
 
 
 def with_universal_loading(ds_config: dict[str, Any], source: ResumeSource | None) -> dict[str, Any]:
