@@ -18,7 +18,8 @@ The real regime (issue #19):
 ViT-B-32 (random init) at 224 px from photo-like 400x300 JPEG shards written once into ``--cache``
 (``benchmarks/loader_throughput.py``'s generator), one process each, and per trainer every variant of its
 documented speed settings named in ``--variants`` (precision fp32 | bf16 autocast, torch.compile on | off;
-multiclip also with ``uint8_images`` and JPEG draft decoding, its documented loader settings). Every
+multiclip also fused AdamW on | off, and always ``uint8_images`` and JPEG draft decoding, its documented
+loader settings). Every
 round runs each variant once, in the same order, so drift in machine load hits all alike. Reported: each
 variant's median samples/s and peak RSS over rounds, each trainer's fastest variant, and the ratio
 fastest multiclip / fastest open_clip_train (plus per round, to show the noise).
@@ -162,13 +163,17 @@ def bench_env() -> dict[str, str]:
 
 
 def parse_variant(text: str) -> dict:
-    """``trainer:precision[+compile]``, e.g. ``multiclip:bf16+compile``."""
+    """``trainer:precision[+compile][+fused]``, e.g. ``multiclip:bf16+compile``; ``fused`` (torch's fused
+    AdamW, ``optim.fused``) is a multiclip setting: open_clip_train has no option for it."""
     trainer, _, rest = text.partition(":")
-    precision, _, flag = rest.partition("+")
-    if trainer not in ("multiclip", "open_clip_train") or precision not in ("fp32", "bf16") or flag not in ("", "compile"):
-        raise SystemExit(f"--variants: {text!r} is not trainer:precision[+compile] "
-                         "(trainer multiclip|open_clip_train, precision fp32|bf16)")
-    return {"name": text, "trainer": trainer, "precision": precision, "compile": flag == "compile"}
+    precision, *flags = rest.split("+")
+    allowed = {"compile", "fused"} if trainer == "multiclip" else {"compile"}
+    if (trainer not in ("multiclip", "open_clip_train") or precision not in ("fp32", "bf16")
+            or not set(flags) <= allowed or len(set(flags)) != len(flags)):
+        raise SystemExit(f"--variants: {text!r} is not trainer:precision[+compile][+fused] "
+                         "(trainer multiclip|open_clip_train, precision fp32|bf16, +fused for multiclip only)")
+    return {"name": text, "trainer": trainer, "precision": precision, "compile": "compile" in flags,
+            "fused": "fused" in flags}
 
 
 def vit_multiclip_config(shards: Path, run: Path, steps: int, batch: int, variant: dict) -> dict:
@@ -180,7 +185,7 @@ def vit_multiclip_config(shards: Path, run: Path, steps: int, batch: int, varian
                  "uint8_images": True, "jpeg_draft": True},
         "tasks": [{"name": "retrieval"}],
         "optim": {"micro_batch_size": batch, "max_steps": steps, "lr_backbone": 1e-3, "lr_head": 1e-3,
-                  "warmup_steps": 2},
+                  "warmup_steps": 2, "fused": variant["fused"]},
         "deepspeed": {"precision": variant["precision"]},
         "schedule": {"log_every": VIT_LOG_EVERY},
         "log": {"tensorboard": False},

@@ -49,17 +49,20 @@ def _bf16_representable(t: torch.Tensor) -> bool:
     return bool(torch.equal(t.float(), t.to(torch.bfloat16).float()))
 
 
-# every stage on one process (the most common set-up: one GPU) and on two; bf16 at every stage
-@pytest.mark.parametrize("stage,ranks,precision", [(0, 1, "fp32"), (1, 1, "bf16"), (2, 1, "fp32"), (3, 1, "bf16"),
-                                                   (0, 2, "bf16"), (1, 2, "bf16"), (2, 2, "fp32"), (3, 2, "fp32")])
-def test_zero_stage_trains_and_writes_the_fp32_masters(retrieval_shards, tmp_path, stage, ranks, precision):
+# every stage on one process (the most common set-up: one GPU) and on two; bf16 at every stage; the fused
+# AdamW kernel (optim.fused) under ZeRO's flat partitions and under ZeRO-3's
+@pytest.mark.parametrize("stage,ranks,precision,fused", [
+    (0, 1, "fp32", False), (1, 1, "bf16", False), (2, 1, "fp32", False), (3, 1, "bf16", True),
+    (0, 2, "bf16", False), (1, 2, "bf16", False), (2, 2, "fp32", True), (3, 2, "fp32", False)])
+def test_zero_stage_trains_and_writes_the_fp32_masters(retrieval_shards, tmp_path, stage, ranks, precision, fused):
     run = tmp_path / "run"
     raw = tiny_config(retrieval_shards, run, run={"audit": True},
                       deepspeed={"zero_stage": stage, "precision": precision},
-                      optim={"max_steps": 3}, eval={"max_samples": 20, "batch_size": 20})
+                      optim={"max_steps": 3, "fused": fused}, eval={"max_samples": 20, "batch_size": 20})
     proc = _train(_write_config(tmp_path, raw), ranks=ranks)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert f"precision {precision}, ZeRO {stage}, world {ranks}" in proc.stdout + proc.stderr
+    kernel = "fused" if fused else "default"
+    assert f"precision {precision}, ZeRO {stage}, world {ranks}, AdamW {kernel}" in proc.stdout + proc.stderr
     final = load_file(str(run / "final" / "model.safetensors"))
     fresh = _fresh_state_dict(raw)
     assert set(final) == set(fresh)

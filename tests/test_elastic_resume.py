@@ -123,7 +123,7 @@ def test_one_rank_to_two_continues_loss_optimizer_and_data(retrieval_shards, tmp
     (elastic.tolerate_empty_partitions): that group still counts every step on both ranks."""
     run = tmp_path / "run"
     raw = _raw(retrieval_shards, run, stage=2)
-    raw["optim"].update(grad_accum=2, accum_mode="features")
+    raw["optim"].update(grad_accum=2, accum_mode="features", fused=True)  # the kernel a GPU user would pick
     config = _write_config(tmp_path, raw)
     proc = _train(config)
     assert proc.returncode == 0, proc.stderr[-3000:]

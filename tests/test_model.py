@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 from training.config import ModelConfig
 from training.backbone import create_backbone, register_model_configs
 from training.model import MultiTaskModel
-from training.params import param_groups
+from training.elastic import place_adam_steps
+from training.params import adamw_kernel, build_optimizer, param_groups
 
 from conftest import ROOT
 
@@ -46,6 +47,46 @@ def test_param_groups_separate_lrs_and_no_decay():
     assert groups["heads/no_decay"]["weight_decay"] == 0.0
     frozen = {g["name"] for g in param_groups(model, 1e-5, 1e-3, 0.1, freeze_backbone=True)}
     assert frozen == {"heads/decay", "heads/no_decay"}
+
+
+def _tiny_model_and_groups():
+    torch.manual_seed(0)
+    backbone = create_backbone(_tiny())
+    model = MultiTaskModel(backbone.model, {"h": torch.nn.Linear(4, 4)}, {"h": 1.0})
+    return model, param_groups(model, 1e-3, 1e-2, 0.1, freeze_backbone=False)
+
+
+def test_fused_adamw_gives_the_loop_s_update():
+    """optim.fused reaches torch's fused kernel, with the same betas, eps and groups as the default loop:
+    three steps on identical gradients end within float rounding of each other, and far from the start."""
+    finals = {}
+    for fused in (False, True):
+        model, groups = _tiny_model_and_groups()
+        start = [p.detach().clone() for p in model.parameters()]
+        optimizer = build_optimizer(groups, (0.9, 0.98), 1e-6, fused=fused)
+        assert adamw_kernel(optimizer).startswith("fused" if fused else "default")
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            optimizer.step()
+        finals[fused] = [p.detach().clone() for p in model.parameters()]
+    moved = max((a - b).abs().max().item() for a, b in zip(finals[False], start))
+    gap = max((a - b).abs().max().item() for a, b in zip(finals[False], finals[True]))
+    assert moved > 1e-2 and gap < 1e-6, (moved, gap)
+
+
+def test_universal_adam_steps_are_placed_as_adamw_expects():
+    """A step tensor as a universal load leaves it (float64 here) becomes float32: on the parameter's
+    device for the fused kernel, on the CPU for the loop; values are kept."""
+    for fused in (False, True):
+        model, groups = _tiny_model_and_groups()
+        optimizer = build_optimizer(groups, (0.9, 0.98), 1e-6, fused=fused)
+        param = optimizer.param_groups[0]["params"][0]
+        optimizer.state[param]["step"] = torch.tensor(8, dtype=torch.float64)
+        place_adam_steps(optimizer)
+        step = optimizer.state[param]["step"]
+        assert step.dtype == torch.float32 and step.item() == 8.0 and step.device == param.device
 
 
 def test_init_weights_take_the_backbone_of_another_tasks_run(tmp_path):

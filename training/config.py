@@ -82,6 +82,9 @@ class OptimConfig(_Section):
     weight_decay: float = Field(0.1, ge=0)  # AdamW decay; never applied to biases, norms, logit scales
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.98)  # AdamW
     eps: float = Field(1e-6, gt=0, lt=1)
+    # torch's fused AdamW kernel: the same update up to rounding, one kernel for all parameters instead of a
+    # loop over them (ViT-B-32 on the 2-core CPU: 0.09 vs 0.81 s per optimizer step, docs/config.md)
+    fused: bool = False
     warmup_steps: int = Field(10, ge=0)  # linear warm-up, then cosine to min_lr_ratio * lr
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     grad_clip: float = Field(1.0, ge=0)  # global norm clipping; 0 disables

@@ -205,6 +205,22 @@ def _same_step(a: Any, b: Any) -> bool:
     return float(a) == float(b) if a is not None and b is not None else a is b
 
 
+def place_adam_steps(optimizer) -> None:
+    """Put every Adam ``step`` a universal load set where torch's AdamW expects it. DeepSpeed assigns the
+    tensors as ``torch.load`` gives them (saved device and dtype) instead of going through
+    ``load_state_dict``, which would place them: the fused kernel needs float32 steps on the parameters'
+    device, the for-loop one a CPU step."""
+    import torch
+
+    for group in optimizer.param_groups:
+        on_param_device = group.get("fused") or group.get("capturable")
+        for param in group["params"]:
+            step = optimizer.state.get(param, {}).get("step")
+            if torch.is_tensor(step):
+                device = param.device if on_param_device else torch.device("cpu")
+                optimizer.state[param]["step"] = step.to(device=device, dtype=torch.float32)
+
+
 def with_universal_loading(ds_config: dict[str, Any], source: ResumeSource | None) -> dict[str, Any]:
     """The DeepSpeed config, with ``checkpoint.load_universal`` on when ``source`` is universal."""
     if source is None or not source.universal:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from training.config import ConfigError
@@ -64,3 +65,16 @@ def param_groups(model: MultiTaskModel, lr_backbone: float, lr_head: float, weig
             if params:
                 groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": f"{part}/{suffix}"})
     return groups
+
+
+def build_optimizer(groups: list[dict[str, Any]], betas: tuple[float, float], eps: float, fused: bool) -> torch.optim.AdamW:
+    """AdamW over ``groups``. ``fused``: torch's one-kernel update of every parameter (the same update up to
+    float rounding); off, torch's default for the device (a loop over the tensors on CPU)."""
+    return torch.optim.AdamW(groups, betas=betas, eps=eps, fused=True if fused else None)
+
+
+def adamw_kernel(optimizer: torch.optim.Optimizer) -> str:
+    """Which AdamW implementation ``optimizer`` steps with, for the log."""
+    if optimizer.defaults.get("fused"):
+        return "fused"
+    return "foreach" if optimizer.defaults.get("foreach") else "default (for-loop on CPU, foreach on CUDA)"

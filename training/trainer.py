@@ -32,7 +32,7 @@ from training.distributed import DistInfo, barrier, init_distributed, rank0_deci
 from training.logging_utils import RunLogger, check_log_backends, plot_curves, setup_console_logging
 from training import elastic, wise_ft
 from training.model import build_model
-from training.params import freeze_first_blocks, param_groups
+from training.params import adamw_kernel, build_optimizer, freeze_first_blocks, param_groups
 from training.remote_runs import RunMirror
 from training.zero3 import promote_scalar_parameters, register_zero3_external_parameters, restore_scalar_shapes
 from training.schedule import CheckpointTimer, lr_multiplier
@@ -98,7 +98,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     precision = accelerator.resolve_precision(cfg.deepspeed.precision)
     groups = param_groups(model, cfg.optim.lr_backbone, cfg.optim.lr_head, cfg.optim.weight_decay,
                           cfg.optim.freeze_backbone)
-    optimizer = torch.optim.AdamW(groups, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    optimizer = build_optimizer(groups, cfg.optim.betas, cfg.optim.eps, cfg.optim.fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
         s, cfg.optim.warmup_steps, cfg.optim.max_steps, cfg.optim.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -110,14 +110,16 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     if cfg.deepspeed.zero_stage == 3:
         register_zero3_external_parameters(engine.module)
     accelerator.apply_precision(engine.module, precision)
-    log.info("device %s, backend %s, precision %s, ZeRO %d, world %d", dist_info.device, accelerator.backend(),
-             precision, cfg.deepspeed.zero_stage, dist_info.world_size)
+    log.info("device %s, backend %s, precision %s, ZeRO %d, world %d, AdamW %s", dist_info.device,
+             accelerator.backend(), precision, cfg.deepspeed.zero_stage, dist_info.world_size, adamw_kernel(optimizer))
 
     step = 0
     if run_state is not None:
         elastic.tolerate_empty_partitions(engine.optimizer, source)
         with ckpt.weights_only_loading():  # a pickled payload in a checkpoint must not run
             engine.load_checkpoint(str(source.load_dir), tag=run_state["tag"])
+        if source.universal:
+            elastic.place_adam_steps(optimizer)
         step = run_state["step"]
         log.info("resumed from %s at step %d", ckpt_dir / run_state["tag"], step)
     elif resume:
