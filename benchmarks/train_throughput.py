@@ -269,7 +269,7 @@ def main() -> int:
     parser.add_argument("--openclip-python", default=str(ROOT / ".cache" / "bench" / "openclip-venv" / "bin" / "python"))
     parser.add_argument("--out", default=None, help="default runs/bench/train_throughput[_vit-b-32].json")
     parser.add_argument("--regime", choices=("tiny", "vit-b-32"), default="tiny")
-    parser.add_argument("--variants", default=",".join(VIT_VARIANTS), help="vit-b-32 regime: trainer:precision[+compile],...")
+    parser.add_argument("--variants", default=",".join(VIT_VARIANTS), help="vit-b-32 regime: trainer:precision[+compile][+fused],...")
     parser.add_argument("--cache", default=str(ROOT / ".cache" / "bench"), help="vit-b-32 regime: JPEG shard cache")
     args = parser.parse_args()
     if args.regime == "vit-b-32":
