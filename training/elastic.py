@@ -142,8 +142,8 @@ def _remove_older_conversions(root: Path, keep: str) -> None:
 
 def tolerate_empty_partitions(optimizer, source: ResumeSource | None) -> None:
     """Let a rank load a universal checkpoint when its ZeRO partition holds no element of some parameter
-    group: a group smaller than the ranks' alignment, e.g. the retrieval head's two no-decay scalars on 2
-    ranks, at any model size. DeepSpeed 0.19.8's loader (base_optimizer.py,
+    group: a group smaller than the ranks' alignment, e.g. a head's two no-decay scalars on 2 ranks, at
+    any model size. DeepSpeed 0.19.8's loader (base_optimizer.py,
     ``load_hp_checkpoint_state_from_checkpoint_dir``) takes ``steps[0]`` of such a group's empty list and
     fails with IndexError; on such a rank this module's loader runs instead (:func:`_load_universal_state`).
     Other ranks keep DeepSpeed's own."""

@@ -75,6 +75,4 @@ def build_optimizer(groups: list[dict[str, Any]], betas: tuple[float, float], ep
 
 def adamw_kernel(optimizer: torch.optim.Optimizer) -> str:
     """Which AdamW implementation ``optimizer`` steps with, for the log."""
-    if optimizer.defaults.get("fused"):
-        return "fused"
-    return "foreach" if optimizer.defaults.get("foreach") else "default (for-loop on CPU, foreach on CUDA)"
+    return "fused" if optimizer.defaults.get("fused") else "default (for-loop on CPU, foreach on CUDA)"
